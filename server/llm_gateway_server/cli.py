@@ -1,0 +1,45 @@
+"""`llm-gateway` command line: `llm-gateway serve [--host H] [--port N] [--config FILE]`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import ConfigError, load_settings
+from .telemetry.logging import configure_logging
+from .transport.server import serve
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm-gateway", description="LLM Gateway: one gRPC contract for many LLM providers.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("serve", help="run the gRPC server until SIGTERM/SIGINT")
+    run.add_argument("--host", help="bind address (default 127.0.0.1, or LLM_GATEWAY_HOST)")
+    run.add_argument("--port", type=int, help="gRPC port (default 50051, or LLM_GATEWAY_PORT; 0 picks a free port)")
+    run.add_argument("--config", type=Path, help="YAML settings file (providers, models, limits)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `llm-gateway` console script; returns the process exit status
+    (0 after a clean drain, 2 for invalid configuration)."""
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config, overrides={"host": args.host, "port": args.port})
+    except ConfigError as exc:
+        print(f"llm-gateway: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    try:
+        asyncio.run(serve(settings))
+    except ConfigError as exc:
+        print(f"llm-gateway: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

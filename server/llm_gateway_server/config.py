@@ -1,0 +1,219 @@
+"""Settings: environment variables (prefix `LLM_GATEWAY_`), an optional YAML file, and the
+providers' standard variables (`OPENAI_API_KEY`, `OPENAI_BASE_URL`, `OLLAMA_HOST`).
+
+Precedence, highest first: explicit overrides (CLI flags) > `LLM_GATEWAY_*` environment > YAML file
+> defaults. Providers named in the YAML file replace the one of the same name derived from the
+standard variables. Invalid settings raise `ConfigError` with one line per problem.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings.sources.utils import parse_env_vars
+
+from .domain import Capability
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
+# Placeholder key for OpenAI-compatible servers that need none (the SDK refuses an empty key).
+NO_KEY_PLACEHOLDER = "no-key-configured"
+
+
+class ConfigError(Exception):
+    """Settings are invalid; the message lists every problem, one per line, without secrets."""
+
+
+class ProviderSettings(BaseModel):
+    """One provider instance.
+
+    `kind` selects the adapter ("openai" also covers any OpenAI-compatible server via
+    `base_url`). `api_key` may be given directly or read from the environment variable named by
+    `api_key_env`. `passthrough`: route models absent from the catalog here (default: true for
+    an OpenAI-compatible server with a custom base_url, false otherwise).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    kind: Literal["openai", "ollama"]
+    base_url: str | None = None
+    api_key: SecretStr | None = None
+    api_key_env: str | None = None
+    passthrough: bool | None = None
+    max_connections: int = Field(default=200, ge=1, le=10_000)
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError("must be 1-63 chars of lower-case letters, digits, '-' or '_'")
+        return value
+
+    @field_validator("base_url")
+    @classmethod
+    def _valid_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    def resolved_api_key(self, environ: Mapping[str, str]) -> str | None:
+        """The key from `api_key`, else from the variable named by `api_key_env`; None if neither."""
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        if self.api_key_env:
+            return environ.get(self.api_key_env) or None
+        return None
+
+    def resolved_passthrough(self) -> bool:
+        """Whether unknown model ids may be routed to this provider."""
+        if self.passthrough is not None:
+            return self.passthrough
+        return self.kind == "openai" and (self.base_url or OPENAI_DEFAULT_BASE_URL).rstrip("/") != OPENAI_DEFAULT_BASE_URL
+
+
+class PricingSettings(BaseModel):
+    """Prices in USD per million tokens."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_per_million_usd: float = Field(ge=0)
+    output_per_million_usd: float = Field(ge=0)
+    cached_input_per_million_usd: float = Field(default=0.0, ge=0)
+    source: str = "configuration"
+
+
+class ModelSettings(BaseModel):
+    """A model entry that extends or overrides the built-in catalog (same `id` replaces it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=256)
+    provider: str
+    provider_model: str | None = None
+    display_name: str = ""
+    capabilities: list[Capability] = Field(default_factory=lambda: [Capability.CHAT, Capability.STREAMING])
+    context_window: int = Field(default=0, ge=0)
+    max_output_tokens: int = Field(default=0, ge=0)
+    pricing: PricingSettings | None = None
+    equivalence_group: str = ""
+
+
+class Settings(BaseSettings):
+    """Gateway settings. Every field can be set as `LLM_GATEWAY_<FIELD>` or in the YAML file.
+
+    Attributes:
+        host: bind address (default loopback only).
+        port: gRPC port (0 picks a free one).
+        default_deadline_s: bound for upstream calls when the client sets no deadline, seconds.
+        max_message_bytes: largest request/response message, bytes.
+        grace_period_s: SIGTERM drain time before in-flight calls are cancelled, seconds.
+        log_level: debug, info, warning or error.
+        log_content: include prompt/response text in logs (off by default).
+        providers: provider instances (added to those from the standard variables).
+        models: catalog additions/overrides.
+        models_list_ttl_s: how long a provider's live model list is cached, seconds.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="LLM_GATEWAY_", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=50051, ge=0, le=65535)
+    default_deadline_s: float = Field(default=300.0, gt=0, le=3600)
+    max_message_bytes: int = Field(default=32 * 1024 * 1024, ge=1024, le=512 * 1024 * 1024)
+    grace_period_s: float = Field(default=10.0, ge=0, le=600)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_content: bool = False
+    providers: list[ProviderSettings] = Field(default_factory=list)
+    models: list[ModelSettings] = Field(default_factory=list)
+    models_list_ttl_s: float = Field(default=300.0, ge=0)
+
+    @model_validator(mode="after")
+    def _unique_provider_names(self) -> Settings:
+        names = [p.name for p in self.providers]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"provider names must be unique; repeated: {', '.join(duplicates)}")
+        return self
+
+
+def _env_providers(environ: Mapping[str, str]) -> list[ProviderSettings]:
+    """Providers implied by the SDKs' standard variables (no config file needed)."""
+    found: list[ProviderSettings] = []
+    if environ.get("OPENAI_API_KEY") or environ.get("OPENAI_BASE_URL"):
+        found.append(
+            ProviderSettings(name="openai", kind="openai", base_url=environ.get("OPENAI_BASE_URL") or None, api_key_env="OPENAI_API_KEY")
+        )
+    if environ.get("OLLAMA_HOST"):
+        found.append(ProviderSettings(name="ollama", kind="ollama", base_url=environ["OLLAMA_HOST"]))
+    return found
+
+
+def _format_errors(source: str, error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "(root)"
+        lines.append(f"{source}: {where}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def load_settings(
+    config_file: Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Loads and validates settings.
+
+    Args:
+        config_file: optional YAML file (a mapping of Settings fields).
+        environ: environment to read (default: `os.environ`).
+        overrides: highest-precedence values, e.g. `{"port": 50052}` from the CLI.
+    Raises:
+        ConfigError: unreadable file, invalid YAML, or invalid values (one line per problem).
+    """
+    env = dict(os.environ if environ is None else environ)
+    file_values: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            loaded = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"{config_file}: cannot read: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{config_file}: invalid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{config_file}: the top level must be a mapping of settings")
+        file_values = loaded or {}
+
+    class _Environment(EnvSettingsSource):
+        def _load_env_vars(self) -> Mapping[str, str | None]:
+            return parse_env_vars(env, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
+
+    class _FromSources(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return (init_settings, _Environment(settings_cls))
+
+    merged = {**file_values, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    try:
+        loaded_settings = _FromSources(**merged)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(str(config_file or "settings"), exc)) from None
+    settings = Settings.model_construct(**dict(loaded_settings))
+    configured = {p.name for p in settings.providers}
+    settings.providers = [p for p in _env_providers(env) if p.name not in configured] + settings.providers
+    return settings

@@ -1,0 +1,73 @@
+"""The provider adapter interface.
+
+An adapter wraps one official SDK client (created once, pooled connections, SDK retries off) and
+translates domain requests to the provider's wire format and back. Adapters raise only
+`GatewayError` (built with `providers.errors`); `asyncio.CancelledError` passes through so that a
+client cancel or a deadline closes the upstream HTTP request.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+
+from ..domain import (
+    ChatRequest,
+    ProviderChatResult,
+    ProviderEmbedResult,
+    ProviderStreamEvent,
+    Warning,
+)
+
+
+class Provider(abc.ABC):
+    """One configured provider (e.g. "openai", "ollama", a named OpenAI-compatible server).
+
+    Attributes:
+        name: configured provider name, unique in the registry.
+        kind: adapter kind, e.g. "openai" or "ollama".
+        passthrough: whether models absent from the catalog may be routed here by id.
+    """
+
+    name: str
+    kind: str
+    passthrough: bool
+
+    @abc.abstractmethod
+    def plan_chat(self, request: ChatRequest) -> tuple[Warning, ...]:
+        """Returns the warnings for options this provider will drop; raises GatewayError
+        (INVALID_ARGUMENT) for options it cannot honour at all. Pure: no I/O."""
+
+    @abc.abstractmethod
+    async def chat(self, request: ChatRequest, model: str, timeout_s: float) -> ProviderChatResult:
+        """Runs one non-streamed chat.
+
+        Args:
+            request: the domain request (its `model` is the client's name; use `model`).
+            model: the provider's model id.
+            timeout_s: upper bound for the HTTP call, seconds (the caller's remaining deadline).
+        Raises:
+            GatewayError: every upstream failure, mapped by `providers.errors`.
+        """
+
+    @abc.abstractmethod
+    def chat_stream(self, request: ChatRequest, model: str, timeout_s: float) -> AsyncIterator[ProviderStreamEvent]:
+        """Streams one chat: `ChatDelta` events, then exactly one `ProviderStreamEnd`.
+
+        An upstream stream that ends without its end marker or finish reason raises
+        GatewayError (PROVIDER_BAD_RESPONSE) instead of ending quietly.
+        """
+
+    @abc.abstractmethod
+    async def embed(
+        self, model: str, inputs: tuple[str, ...], dimensions: int | None, timeout_s: float
+    ) -> ProviderEmbedResult:
+        """Embeds `inputs` (one vector per input, in order), batching to the provider's limit."""
+
+    @abc.abstractmethod
+    async def list_models(self, timeout_s: float) -> tuple[str, ...]:
+        """The provider's live model ids."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Closes the SDK client and its connection pool."""

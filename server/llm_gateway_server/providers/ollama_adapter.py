@@ -1,0 +1,164 @@
+"""Ollama on the official `ollama` SDK (native `/api/*` endpoints, NDJSON streams).
+
+One `ollama.AsyncClient` per configured provider, reused. The SDK never retries and has no
+per-call timeout, so each call runs under `asyncio.timeout(timeout_s)`; cancelling the task (client
+cancel, deadline) closes the upstream HTTP request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
+
+import httpx
+import ollama
+import pydantic
+
+from ..domain import (
+    ChatDelta,
+    ChatRequest,
+    ProviderChatResult,
+    ProviderEmbedResult,
+    ProviderStreamEnd,
+    ProviderStreamEvent,
+    ToolCallDelta,
+    Usage,
+    Warning,
+)
+from ..errors import GatewayError
+from . import errors, ollama_mapping
+from .base import Provider
+
+T = TypeVar("T")
+
+# Inputs per /api/embed call: Ollama documents no limit; batches bound request size and latency.
+EMBED_BATCH_LIMIT = 256
+
+
+class OllamaProvider(Provider):
+    """Adapter for an Ollama server.
+
+    Args:
+        name: provider name in the registry, usually "ollama".
+        host: server root, e.g. "http://127.0.0.1:11434" (no `/api`); parsed like `OLLAMA_HOST`.
+        passthrough: route models absent from the catalog to this provider.
+        max_connections: HTTP connection pool size.
+    """
+
+    kind = "ollama"
+
+    def __init__(self, name: str, *, host: str | None, passthrough: bool, max_connections: int = 200) -> None:
+        self.name = name
+        self.passthrough = passthrough
+        self._client = ollama.AsyncClient(
+            host=host, limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        )
+
+    def plan_chat(self, request: ChatRequest) -> tuple[Warning, ...]:
+        """Warnings for dropped options; raises for image URLs Ollama cannot fetch."""
+        return ollama_mapping.chat_params(request, "", self.name)[1]
+
+    async def chat(self, request: ChatRequest, model: str, timeout_s: float) -> ProviderChatResult:
+        """Non-streamed chat; see `Provider.chat`."""
+        params, _ = ollama_mapping.chat_params(request, model, self.name)
+        response = await self._bounded(model, timeout_s, self._client.chat(**params, stream=False))
+        calls = ollama_mapping.tool_calls_from_wire(response.message.tool_calls)
+        return ProviderChatResult(
+            model=response.model or model,
+            text=response.message.content or "",
+            tool_calls=calls,
+            finish_reason=ollama_mapping.finish_reason(response.done_reason, bool(calls)),
+            provider_finish_reason=response.done_reason or "stop",
+            usage=ollama_mapping.usage_from_wire(response),
+        )
+
+    async def chat_stream(self, request: ChatRequest, model: str, timeout_s: float) -> AsyncIterator[ProviderStreamEvent]:
+        """Streamed chat over NDJSON; see `Provider.chat_stream`."""
+        params, _ = ollama_mapping.chat_params(request, model, self.name)
+        # Bounded here until the response starts; the router bounds every later chunk (a timeout
+        # context must not span a `yield`: it would cancel the consumer instead).
+        stream = await self._bounded(model, timeout_s, self._client.chat(**params, stream=True))
+        calls_seen = 0
+        try:
+            async for part in stream:
+                calls = ollama_mapping.tool_calls_from_wire(part.message.tool_calls)
+                fragments = tuple(
+                    ToolCallDelta(index=calls_seen + i, id=c.id, name=c.name, arguments=c.arguments)
+                    for i, c in enumerate(calls)
+                )
+                calls_seen += len(calls)
+                if part.message.content or fragments:
+                    yield ChatDelta(text=part.message.content or "", tool_calls=fragments)
+                if part.done:
+                    yield ProviderStreamEnd(
+                        model=part.model or model,
+                        finish_reason=ollama_mapping.finish_reason(part.done_reason, calls_seen > 0),
+                        provider_finish_reason=part.done_reason or "stop",
+                        usage=ollama_mapping.usage_from_wire(part),
+                    )
+                    return
+        except GatewayError:
+            raise
+        except Exception as exc:
+            raise self._map(exc, model) from exc
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+        raise errors.bad_response(self.name, model, "the stream ended before its final (done) line")
+
+    async def embed(
+        self, model: str, inputs: tuple[str, ...], dimensions: int | None, timeout_s: float
+    ) -> ProviderEmbedResult:
+        """`/api/embed` in batches of `EMBED_BATCH_LIMIT`; see `Provider.embed`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        vectors: list[tuple[float, ...]] = []
+        input_tokens = 0
+        answered_model = model
+        for start in range(0, len(inputs), EMBED_BATCH_LIMIT):
+            batch = list(inputs[start : start + EMBED_BATCH_LIMIT])
+            remaining = max(deadline - loop.time(), 0.001)
+            result = await self._bounded(
+                model, remaining, self._client.embed(model=model, input=batch, dimensions=dimensions)
+            )
+            if len(result.embeddings) != len(batch):
+                raise errors.bad_response(self.name, model, f"{len(result.embeddings)} vectors for {len(batch)} inputs")
+            vectors.extend(tuple(float(x) for x in v) for v in result.embeddings)
+            input_tokens += int(result.prompt_eval_count or 0)
+            answered_model = result.model or answered_model
+        return ProviderEmbedResult(model=answered_model, vectors=tuple(vectors), usage=Usage(input_tokens=input_tokens))
+
+    async def list_models(self, timeout_s: float) -> tuple[str, ...]:
+        """Model names from `GET /api/tags`."""
+        listing = await self._bounded("", timeout_s, self._client.list())
+        return tuple(m.model for m in listing.models if m.model)
+
+    async def aclose(self) -> None:
+        """Closes the client's connection pool."""
+        await self._client._client.aclose()
+
+    async def _bounded(self, model: str, timeout_s: float, call: Awaitable[T]) -> T:
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await call
+        except TimeoutError as exc:
+            raise errors.upstream_timeout(self.name, model, timeout_s) from exc
+        except Exception as exc:
+            raise self._map(exc, model) from exc
+
+    def _map(self, exc: Exception, model: str) -> GatewayError:
+        """The Ollama error table: SDK exception → GatewayError (rows in `providers.errors`)."""
+        if isinstance(exc, GatewayError):
+            return exc
+        if isinstance(exc, ollama.ResponseError):
+            # status -1: an {"error": ...} line inside a 200 stream.
+            return errors.from_http_status(self.name, model, exc.status_code, str(exc.error))
+        if isinstance(exc, ConnectionError):  # the SDK's "Failed to connect to Ollama"
+            return errors.connection_failed(self.name, model, str(exc))
+        if isinstance(exc, httpx.TransportError):
+            return errors.connection_failed(self.name, model, repr(exc))
+        if isinstance(exc, (json.JSONDecodeError, pydantic.ValidationError, ValueError, TypeError, KeyError)):
+            return errors.bad_response(self.name, model, f"{type(exc).__name__}: {str(exc)[:200]}")
+        return errors.bad_response(self.name, model, f"unexpected {type(exc).__name__}")
+

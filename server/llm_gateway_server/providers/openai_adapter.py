@@ -1,0 +1,194 @@
+"""OpenAI and OpenAI-compatible servers (vLLM, llama.cpp, LM Studio, Together, …) on the official
+`openai` SDK (3.x, httpx2 transport).
+
+One `AsyncOpenAI` client per configured provider, created at start-up and reused (connection
+pooling), with `max_retries=0`: the gateway owns retries. Each call passes `timeout=` from the
+caller's remaining deadline; cancelling the awaiting task closes the upstream HTTP request.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import httpx2
+import openai
+
+from ..domain import (
+    ChatRequest,
+    ProviderChatResult,
+    ProviderEmbedResult,
+    ProviderStreamEnd,
+    ProviderStreamEvent,
+    Usage,
+    Warning,
+)
+from ..errors import GatewayError
+from . import errors, openai_mapping
+from .base import Provider
+
+T = TypeVar("T")
+
+# Inputs per embeddings call. Source: OpenAI API reference, embeddings (max 2048 inputs per call).
+EMBED_BATCH_LIMIT = 2048
+
+
+class OpenAIProvider(Provider):
+    """Adapter for the OpenAI API and any server that speaks its Chat Completions protocol.
+
+    Args:
+        name: provider name in the registry, e.g. "openai" or "llamacpp".
+        api_key: the provider key (a placeholder is used for servers that need none).
+        base_url: API root including `/v1` (None: the SDK default, api.openai.com).
+        passthrough: route models absent from the catalog to this provider.
+        max_connections: HTTP connection pool size.
+    """
+
+    kind = "openai"
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        api_key: str,
+        base_url: str | None,
+        passthrough: bool,
+        max_connections: int = 200,
+    ) -> None:
+        self.name = name
+        self.passthrough = passthrough
+        self._client = openai.AsyncOpenAI(
+            api_key=api_key,
+            base_url=base_url,
+            max_retries=0,
+            http_client=openai.DefaultAsyncHttpxClient(
+                limits=httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+            ),
+        )
+
+    def plan_chat(self, request: ChatRequest) -> tuple[Warning, ...]:
+        """Warnings for the options this API drops (see `openai_mapping.chat_params`)."""
+        return openai_mapping.chat_params(request, "", stream=False)[1]
+
+    async def chat(self, request: ChatRequest, model: str, timeout_s: float) -> ProviderChatResult:
+        """Non-streamed chat; see `Provider.chat`."""
+        params, _ = openai_mapping.chat_params(request, model, stream=False)
+        completion = await self._call(model, timeout_s, lambda: self._client.chat.completions.create(**params, timeout=timeout_s))
+        if not completion.choices:
+            raise errors.bad_response(self.name, model, "the completion has no choices")
+        choice = completion.choices[0]
+        message = choice.message
+        return ProviderChatResult(
+            model=completion.model or model,
+            text=message.content or "",
+            tool_calls=openai_mapping.tool_calls_from_wire(message.tool_calls),
+            finish_reason=openai_mapping.finish_reason(choice.finish_reason),
+            provider_finish_reason=choice.finish_reason or "",
+            usage=openai_mapping.usage_from_wire(completion.usage),
+            response_id=completion.id or "",
+        )
+
+    async def chat_stream(self, request: ChatRequest, model: str, timeout_s: float) -> AsyncIterator[ProviderStreamEvent]:
+        """Streamed chat over SSE; see `Provider.chat_stream`."""
+        params, _ = openai_mapping.chat_params(request, model, stream=True)
+        stream = await self._call(model, timeout_s, lambda: self._client.chat.completions.create(**params, timeout=timeout_s))
+        raw_reason: str | None = None
+        usage: Usage | None = None
+        response_id = ""
+        answered_model = model
+        try:
+            async for chunk in stream:
+                response_id = chunk.id or response_id
+                answered_model = chunk.model or answered_model
+                if chunk.usage is not None:
+                    usage = openai_mapping.usage_from_wire(chunk.usage)
+                for choice in chunk.choices[:1]:
+                    delta = openai_mapping.delta_from_chunk(choice)
+                    if delta is not None:
+                        yield delta
+                    if choice.finish_reason:
+                        raw_reason = choice.finish_reason
+        except GatewayError:
+            raise
+        except Exception as exc:  # the SDK's own and httpx2's errors, mapped in one place
+            raise self._map(exc, model, timeout_s) from exc
+        finally:
+            await stream.close()
+        if raw_reason is None:
+            raise errors.bad_response(self.name, model, "the stream ended before a finish reason")
+        yield ProviderStreamEnd(
+            model=answered_model,
+            finish_reason=openai_mapping.finish_reason(raw_reason),
+            provider_finish_reason=raw_reason,
+            usage=usage,
+            response_id=response_id,
+        )
+
+    async def embed(
+        self, model: str, inputs: tuple[str, ...], dimensions: int | None, timeout_s: float
+    ) -> ProviderEmbedResult:
+        """Embeddings in batches of `EMBED_BATCH_LIMIT`; see `Provider.embed`."""
+        vectors: list[tuple[float, ...]] = []
+        input_tokens = 0
+        answered_model = model
+        extra: dict[str, Any] = {} if dimensions is None else {"dimensions": dimensions}
+        for start in range(0, len(inputs), EMBED_BATCH_LIMIT):
+            batch = list(inputs[start : start + EMBED_BATCH_LIMIT])
+            result = await self._call(
+                model,
+                timeout_s,
+                lambda batch=batch: self._client.embeddings.create(model=model, input=batch, timeout=timeout_s, **extra),  # type: ignore[misc]
+            )
+            ordered = sorted(result.data, key=lambda d: d.index)
+            if len(ordered) != len(batch):
+                raise errors.bad_response(self.name, model, f"{len(ordered)} vectors for {len(batch)} inputs")
+            vectors.extend(tuple(float(x) for x in d.embedding) for d in ordered)
+            input_tokens += int(getattr(result.usage, "prompt_tokens", 0) or 0)
+            answered_model = result.model or answered_model
+        return ProviderEmbedResult(model=answered_model, vectors=tuple(vectors), usage=Usage(input_tokens=input_tokens))
+
+    async def list_models(self, timeout_s: float) -> tuple[str, ...]:
+        """Model ids from `GET /models`."""
+        page = await self._call("", timeout_s, lambda: self._client.models.list(timeout=timeout_s))
+        return tuple(m.id for m in page.data)
+
+    async def aclose(self) -> None:
+        """Closes the client's connection pool."""
+        await self._client.close()
+
+    async def _call(self, model: str, timeout_s: float, make: Callable[[], Any]) -> Any:
+        try:
+            return await make()
+        except Exception as exc:
+            raise self._map(exc, model, timeout_s) from exc
+
+    def _map(self, exc: Exception, model: str, timeout_s: float) -> GatewayError:
+        """The OpenAI error table: SDK exception → GatewayError (rows in `providers.errors`)."""
+        if isinstance(exc, GatewayError):
+            return exc
+        if isinstance(exc, openai.APIStatusError):
+            message, code = openai_mapping.error_fields(exc.body)
+            return errors.from_http_status(
+                self.name,
+                model,
+                exc.status_code,
+                message or exc.message,
+                upstream_code=code,
+                retry_after_s=errors.parse_retry_after(dict(exc.response.headers)),
+            )
+        if isinstance(exc, openai.APITimeoutError):
+            return errors.upstream_timeout(self.name, model, timeout_s)
+        if isinstance(exc, openai.APIConnectionError):
+            return errors.connection_failed(self.name, model, str(exc.__cause__ or exc))
+        if isinstance(exc, openai.APIResponseValidationError):
+            return errors.bad_response(self.name, model, exc.message)
+        if isinstance(exc, openai.APIError):  # an error object inside an SSE stream
+            message, code = openai_mapping.error_fields(exc.body)
+            return errors.from_http_status(self.name, model, -1, message or exc.message, upstream_code=code)
+        if isinstance(exc, httpx2.TransportError):
+            return errors.connection_failed(self.name, model, repr(exc))
+        if isinstance(exc, (json.JSONDecodeError, ValueError, TypeError, KeyError, AttributeError)):
+            return errors.bad_response(self.name, model, f"{type(exc).__name__}: {exc}")
+        return errors.bad_response(self.name, model, f"unexpected {type(exc).__name__}")
+

@@ -1,0 +1,208 @@
+"""Pure transforms between domain types and the OpenAI Chat Completions / Embeddings wire format.
+
+Wire facts: shared/reference/provider-wire-formats.md §1 (openai SDK 3.54, `POST /chat/completions`,
+SSE chunks, `POST /embeddings`). No I/O here: the adapter is a thin shell around these.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from ..domain import (
+    ChatDelta,
+    ChatRequest,
+    FinishReason,
+    ImagePart,
+    Message,
+    Role,
+    TextPart,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+    Warning,
+)
+
+# OpenAI `finish_reason` → normalised reason. Source: reference §1.3.
+FINISH_REASONS: Mapping[str, FinishReason] = {
+    "stop": FinishReason.STOP,
+    "length": FinishReason.LENGTH,
+    "tool_calls": FinishReason.TOOL_CALLS,
+    "function_call": FinishReason.TOOL_CALLS,
+    "content_filter": FinishReason.CONTENT_FILTER,
+}
+
+
+def finish_reason(raw: str | None) -> FinishReason:
+    """Normalises an OpenAI finish reason; unknown non-empty values map to OTHER."""
+    return FINISH_REASONS.get(raw or "", FinishReason.OTHER)
+
+
+def _image_url(part: ImagePart) -> dict[str, Any]:
+    if part.data is not None:
+        url = f"data:{part.mime_type};base64,{base64.b64encode(part.data).decode('ascii')}"
+    else:
+        url = part.url or ""
+    image: dict[str, Any] = {"url": url}
+    if part.detail:
+        image["detail"] = part.detail
+    return {"type": "image_url", "image_url": image}
+
+
+def _content(message: Message) -> str | list[dict[str, Any]]:
+    if all(isinstance(p, TextPart) for p in message.content):
+        return message.text
+    parts: list[dict[str, Any]] = []
+    for part in message.content:
+        if isinstance(part, TextPart):
+            parts.append({"type": "text", "text": part.text})
+        else:
+            parts.append(_image_url(part))
+    return parts
+
+
+def message_to_wire(message: Message) -> dict[str, Any]:
+    """One domain message → one `messages[]` entry."""
+    wire: dict[str, Any] = {"role": message.role.value}
+    if message.role is Role.ASSISTANT:
+        wire["content"] = message.text if message.content else None
+        if message.tool_calls:
+            wire["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                for c in message.tool_calls
+            ]
+    elif message.role is Role.TOOL:
+        wire["content"] = message.text
+        wire["tool_call_id"] = message.tool_call_id
+    else:
+        wire["content"] = _content(message)
+    if message.name and message.role is not Role.TOOL:
+        wire["name"] = message.name
+    return wire
+
+
+def chat_params(request: ChatRequest, model: str, *, stream: bool) -> tuple[dict[str, Any], tuple[Warning, ...]]:
+    """Builds the keyword arguments of `chat.completions.create` and the warnings for options the
+    Chat Completions API has no field for (dropped, never reinterpreted)."""
+    gen = request.generation
+    warnings: list[Warning] = []
+    params: dict[str, Any] = {
+        "model": model,
+        "messages": [message_to_wire(m) for m in request.messages],
+    }
+    if stream:
+        params["stream"] = True
+        params["stream_options"] = {"include_usage": True}
+    if gen.temperature is not None:
+        params["temperature"] = gen.temperature
+    if gen.top_p is not None:
+        params["top_p"] = gen.top_p
+    if gen.top_k is not None:
+        warnings.append(Warning("OPTION_DROPPED", "generation.top_k", "the OpenAI Chat Completions API has no top_k"))
+    if gen.max_output_tokens is not None:
+        params["max_tokens"] = gen.max_output_tokens
+    if gen.stop_sequences:
+        params["stop"] = list(gen.stop_sequences)
+    if gen.seed is not None:
+        params["seed"] = gen.seed
+    if gen.presence_penalty is not None:
+        params["presence_penalty"] = gen.presence_penalty
+    if gen.frequency_penalty is not None:
+        params["frequency_penalty"] = gen.frequency_penalty
+    fmt = gen.response_format
+    if fmt is not None and fmt.type == "json_object":
+        params["response_format"] = {"type": "json_object"}
+    elif fmt is not None and fmt.type == "json_schema":
+        schema: dict[str, Any] = {"name": fmt.schema_name or "response", "schema": dict(fmt.schema or {})}
+        if fmt.schema_description:
+            schema["description"] = fmt.schema_description
+        if fmt.strict:
+            schema["strict"] = True
+        params["response_format"] = {"type": "json_schema", "json_schema": schema}
+    if request.tools:
+        params["tools"] = [_tool_to_wire(t.name, t.description, t.parameters, t.strict) for t in request.tools]
+        if gen.parallel_tool_calls is not None:
+            params["parallel_tool_calls"] = gen.parallel_tool_calls
+    elif gen.parallel_tool_calls is not None:
+        warnings.append(Warning("OPTION_DROPPED", "generation.parallel_tool_calls", "no tools in the request"))
+    choice = request.tool_choice
+    if choice is not None and request.tools:
+        if choice.function_name:
+            params["tool_choice"] = {"type": "function", "function": {"name": choice.function_name}}
+        elif choice.mode:
+            params["tool_choice"] = choice.mode
+    if request.end_user_id:
+        params["user"] = request.end_user_id
+    return params, tuple(warnings)
+
+
+def _tool_to_wire(name: str, description: str, parameters: Mapping[str, Any] | None, strict: bool) -> dict[str, Any]:
+    function: dict[str, Any] = {"name": name, "parameters": dict(parameters or {"type": "object", "properties": {}})}
+    if description:
+        function["description"] = description
+    if strict:
+        function["strict"] = True
+    return {"type": "function", "function": function}
+
+
+def usage_from_wire(usage: Any) -> Usage | None:
+    """`usage` object of a completion or the last stream chunk → Usage (None when absent)."""
+    if usage is None:
+        return None
+    prompt_details = getattr(usage, "prompt_tokens_details", None)
+    completion_details = getattr(usage, "completion_tokens_details", None)
+    return Usage(
+        input_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
+        output_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+        cached_input_tokens=int(getattr(prompt_details, "cached_tokens", 0) or 0),
+        reasoning_tokens=int(getattr(completion_details, "reasoning_tokens", 0) or 0),
+    )
+
+
+def tool_calls_from_wire(calls: Any) -> tuple[ToolCall, ...]:
+    """`message.tool_calls` → ToolCall tuple (arguments text passed through)."""
+    result: list[ToolCall] = []
+    for call in calls or ():
+        function = getattr(call, "function", None)
+        if function is None:
+            continue
+        result.append(ToolCall(id=call.id or "", name=function.name or "", arguments=function.arguments or ""))
+    return tuple(result)
+
+
+def delta_from_chunk(choice: Any) -> ChatDelta | None:
+    """One streamed `choices[0]` → ChatDelta, or None when it carries no content."""
+    delta = choice.delta
+    if delta is None:
+        return None
+    text = delta.content or ""
+    fragments = tuple(
+        ToolCallDelta(
+            index=int(tc.index or 0),
+            id=tc.id or "",
+            name=(tc.function.name or "") if tc.function else "",
+            arguments=(tc.function.arguments or "") if tc.function else "",
+        )
+        for tc in (delta.tool_calls or ())
+    )
+    if not text and not fragments:
+        return None
+    return ChatDelta(text=text, tool_calls=fragments)
+
+
+def error_fields(body: object) -> tuple[str, str]:
+    """(message, code-or-type) from an OpenAI error body (`{"message","type","code"}`, which the
+    SDK stores as `e.body`), tolerating bodies of other shapes."""
+    if isinstance(body, Mapping):
+        inner = body.get("error", body)
+        if isinstance(inner, Mapping):
+            message = inner.get("message")
+            code = inner.get("code") or inner.get("type") or ""
+            return (message if isinstance(message, str) else json.dumps(inner)[:500]), str(code)
+        if isinstance(inner, str):
+            return inner, ""
+    if isinstance(body, str):
+        return body, ""
+    return "", ""

@@ -1,0 +1,1 @@
+"""Telemetry: structured logging (metrics arrive with the interceptors)."""

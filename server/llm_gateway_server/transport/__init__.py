@@ -1,0 +1,1 @@
+"""gRPC transport: server set-up, servicer (protobuf ↔ domain), validation and status mapping."""

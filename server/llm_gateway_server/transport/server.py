@@ -1,0 +1,109 @@
+"""The grpc.aio server: the gateway service, `grpc.health.v1` health and server reflection.
+
+Health answers SERVING for "" and for "llm_gateway.v1.LLMGatewayService" once the server runs.
+On SIGTERM/SIGINT every health status becomes NOT_SERVING, then the server stops accepting calls
+and gives in-flight calls `grace_period_s` to finish before cancelling them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from llm_gateway.v1 import llm_gateway_pb2 as pb
+from llm_gateway.v1 import llm_gateway_pb2_grpc as pb_grpc
+
+from ..config import Settings
+from ..providers.registry import ProviderRegistry, build_registry
+from ..routing.catalog import load_catalog
+from ..routing.models import ModelDirectory
+from ..routing.resolver import Resolver
+from ..routing.router import Router
+from .servicer import LLMGatewayServicer
+
+log = structlog.get_logger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LLMGatewayService"].full_name
+
+
+@dataclass
+class RunningServer:
+    """A started server and what it owns. `port` is the bound port (useful with port 0)."""
+
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    registry: ProviderRegistry
+    port: int
+    grace_period_s: float
+
+    async def stop(self) -> None:
+        """Drains: health NOT_SERVING, stop accepting, wait up to the grace period, close clients."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.grace_period_s)
+        await self.registry.aclose()
+
+
+async def start_server(settings: Settings, environ: Mapping[str, str] | None = None) -> RunningServer:
+    """Builds every layer from `settings` and starts serving on `settings.host:settings.port`.
+
+    Raises:
+        ConfigError: a provider is misconfigured.
+        RuntimeError: the address cannot be bound.
+    """
+    env = dict(os.environ if environ is None else environ)
+    catalog = load_catalog(settings.models)
+    registry = build_registry(settings.providers, env)
+    router = Router(catalog, Resolver(catalog, registry))
+    directory = ModelDirectory(catalog, registry, ttl_s=settings.models_list_ttl_s)
+    servicer = LLMGatewayServicer(router, directory, settings.default_deadline_s)
+
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(options=options)
+    pb_grpc.add_LLMGatewayServiceServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    address = f"{settings.host}:{settings.port}" if ":" not in settings.host else f"[{settings.host}]:{settings.port}"
+    port = server.add_insecure_port(address)
+    if port == 0:
+        await registry.aclose()
+        raise RuntimeError(f"cannot bind {address}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info(
+        "server_started",
+        address=f"{settings.host}:{port}",
+        providers=list(registry.names()),
+        catalog_models=len(catalog.all()),
+    )
+    return RunningServer(server, health_servicer, registry, port, settings.grace_period_s)
+
+
+async def serve(settings: Settings) -> None:
+    """Runs until SIGTERM/SIGINT, then drains (see `RunningServer.stop`)."""
+    running = await start_server(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    server_done = asyncio.ensure_future(running.server.wait_for_termination())
+    stop_requested = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({server_done, stop_requested}, return_when=asyncio.FIRST_COMPLETED)
+    log.info("server_draining", grace_period_s=settings.grace_period_s)
+    await running.stop()
+    stop_requested.cancel()
+    await server_done
+    log.info("server_stopped")

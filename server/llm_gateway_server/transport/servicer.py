@@ -1,0 +1,149 @@
+"""The `llm_gateway.v1.LLMGatewayService` servicer: validates, converts protobuf ↔ domain, and
+delegates to the router / model directory. Nothing else lives here.
+
+One decorator (`_rpc`) wraps unary and server-streaming handlers alike: it assigns the request
+id, computes the deadline, and turns `GatewayError` into a rich status; any other exception is a
+bug, logged with its traceback and answered INTERNAL with the request id only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import re
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import grpc
+import structlog
+from llm_gateway.v1 import llm_gateway_pb2 as pb
+from llm_gateway.v1 import llm_gateway_pb2_grpc as pb_grpc
+
+from ..errors import GatewayError
+from ..routing.models import ModelDirectory
+from ..routing.router import CallContext, Router
+from . import convert, validation
+from .status import abort
+
+log = structlog.get_logger(__name__)
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _request_id(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id" and isinstance(value, str) and _REQUEST_ID.match(value):
+            return value
+    return uuid.uuid4().hex
+
+
+def _rpc(handler: F) -> F:
+    """Wraps a handler `(self, request, context, ctx)` for unary or streaming RPCs."""
+
+    def begin(self: LLMGatewayServicer, context: grpc.aio.ServicerContext) -> CallContext:
+        request_id = _request_id(context)
+        remaining = context.time_remaining()
+        budget = self.default_deadline_s if remaining is None else min(remaining, self.default_deadline_s)
+        return CallContext(request_id=request_id, deadline=asyncio.get_running_loop().time() + budget)
+
+    async def fail(context: grpc.aio.ServicerContext, ctx: CallContext, exc: Exception) -> None:
+        if isinstance(exc, GatewayError):
+            if exc.code in ("INTERNAL", "UNAVAILABLE", "DEADLINE_EXCEEDED"):
+                log.warning("rpc_failed", method=handler.__name__, request_id=ctx.request_id, code=exc.code,
+                            reason=exc.reason, error=exc.message, **exc.metadata)
+            await abort(context, exc, ctx.request_id)
+        log.error("rpc_bug", method=handler.__name__, request_id=ctx.request_id, exc_info=exc)
+        await abort(
+            context,
+            GatewayError("INTERNAL", "INTERNAL_ERROR", f"internal error; request id {ctx.request_id}"),
+            ctx.request_id,
+        )
+
+    if inspect.isasyncgenfunction(handler):
+
+        @functools.wraps(handler)
+        async def stream_wrapper(self: LLMGatewayServicer, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            ctx = begin(self, context)
+            context.set_trailing_metadata((("x-request-id", ctx.request_id),))
+            try:
+                async for item in handler(self, request, context, ctx):
+                    yield item
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the one place that answers every failure
+                await fail(context, ctx, exc)
+
+        return stream_wrapper  # type: ignore[return-value]
+
+    @functools.wraps(handler)
+    async def unary_wrapper(self: LLMGatewayServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        ctx = begin(self, context)
+        context.set_trailing_metadata((("x-request-id", ctx.request_id),))
+        try:
+            return await handler(self, request, context, ctx)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the one place that answers every failure
+            await fail(context, ctx, exc)
+
+    return unary_wrapper  # type: ignore[return-value]
+
+
+class LLMGatewayServicer(pb_grpc.LLMGatewayServiceServicer):
+    """gRPC servicer for `llm_gateway.v1.LLMGatewayService`.
+
+    Args:
+        router: runs chat and embedding calls.
+        models: answers ListModels / GetModel.
+        default_deadline_s: bound on a call whose client set no deadline, seconds.
+    """
+
+    def __init__(self, router: Router, models: ModelDirectory, default_deadline_s: float) -> None:
+        self.router = router
+        self.models = models
+        self.default_deadline_s = default_deadline_s
+
+    @_rpc
+    async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext, ctx: CallContext) -> pb.ChatResponse:
+        """Unary chat."""
+        validation.check_chat(request)
+        response = await self.router.chat(convert.chat_request_in(request), ctx)
+        return convert.chat_response_out(response)
+
+    @_rpc
+    async def ChatStream(
+        self, request: pb.ChatStreamRequest, context: grpc.aio.ServicerContext, ctx: CallContext
+    ) -> AsyncIterator[pb.ChatStreamResponse]:
+        """Server-streaming chat: deltas, then one final event."""
+        validation.check_chat(request)
+        events = self.router.chat_stream(convert.chat_request_in(request), ctx)
+        try:
+            async for event in events:
+                yield convert.stream_event_out(ctx.request_id, event)
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+
+    @_rpc
+    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext, ctx: CallContext) -> pb.EmbedResponse:
+        """Embeddings."""
+        validation.check_embed(request)
+        response = await self.router.embed(convert.embed_request_in(request), ctx)
+        return convert.embed_response_out(response)
+
+    @_rpc
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext, ctx: CallContext
+    ) -> pb.ListModelsResponse:
+        """Paginated model listing."""
+        capability = convert.CAPABILITIES_IN.get(request.capability)
+        page = await self.models.list(request.provider, capability, request.page_size, request.page_token)
+        return pb.ListModelsResponse(
+            models=[convert.model_out(m) for m in page.models], next_page_token=page.next_page_token, total_size=page.total_size
+        )
+
+    @_rpc
+    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext, ctx: CallContext) -> pb.GetModelResponse:
+        """One model by name."""
+        return pb.GetModelResponse(model=convert.model_out(await self.models.get(request.name)))
