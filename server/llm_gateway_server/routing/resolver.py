@@ -71,6 +71,10 @@ class Resolver:
             return Deployment(passthrough, model, None)
         raise model_not_found(model, self._hint())
 
+    def configured_providers(self) -> tuple[str, ...]:
+        """Names of the configured providers."""
+        return self._registry.names()
+
     def _configured(self) -> str:
         return ", ".join(self._registry.names()) or "none"
 

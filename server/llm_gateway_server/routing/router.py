@@ -98,13 +98,19 @@ class Router:
         self._catalog = catalog
         self._resolver = resolver
 
+    def _alternatives(self, capability: Capability) -> tuple[str, ...]:
+        """Models with `capability`, those of configured providers first."""
+        configured = self._catalog.with_capability(capability, self._resolver.configured_providers())
+        others = [m for m in self._catalog.with_capability(capability) if m not in configured]
+        return (*configured, *others)
+
     def _chat_deployment(self, request: ChatRequest) -> Deployment:
         deployment = self._resolver.resolve(request.model, request.routing.provider)
         info = deployment.info
         if info is not None:
             for capability, what in _required_capabilities(request):
                 if capability not in info.capabilities:
-                    raise capability_not_supported(request.model, what, self._catalog.with_capability(capability))
+                    raise capability_not_supported(request.model, what, self._alternatives(capability))
         return deployment
 
     @staticmethod
@@ -253,7 +259,7 @@ class Router:
         deployment = self._resolver.resolve(request.model, request.routing.provider)
         info = deployment.info
         if info is not None and Capability.EMBEDDINGS not in info.capabilities:
-            raise capability_not_supported(request.model, "embeddings", self._catalog.with_capability(Capability.EMBEDDINGS))
+            raise capability_not_supported(request.model, "embeddings", self._alternatives(Capability.EMBEDDINGS))
         provider = deployment.provider
         budget = self._remaining(ctx, deployment)
         started = time.perf_counter()
