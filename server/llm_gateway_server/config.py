@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, EnvSettingsSource, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 from pydantic_settings.sources.utils import parse_env_vars
 
 from .domain import Capability
@@ -206,11 +206,11 @@ def load_settings(
             dotenv_settings: PydanticBaseSettingsSource,
             file_secret_settings: PydanticBaseSettingsSource,
         ) -> tuple[PydanticBaseSettingsSource, ...]:
-            return (init_settings, _Environment(settings_cls))
+            return (init_settings, _Environment(settings_cls), InitSettingsSource(settings_cls, init_kwargs=file_values))
 
-    merged = {**file_values, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    explicit = {k: v for k, v in (overrides or {}).items() if v is not None}
     try:
-        loaded_settings = _FromSources(**merged)
+        loaded_settings = _FromSources(**explicit)
     except ValidationError as exc:
         raise ConfigError(_format_errors(str(config_file or "settings"), exc)) from None
     settings = Settings.model_construct(**dict(loaded_settings))
