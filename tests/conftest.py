@@ -17,9 +17,9 @@ from typing import Any
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
+
 from llm_gateway.v1 import llm_gateway_pb2 as pb
 from llm_gateway.v1 import llm_gateway_pb2_grpc as pb_grpc
-
 from llm_gateway_server.config import load_settings
 from llm_gateway_server.transport.server import RunningServer, start_server
 
@@ -81,11 +81,17 @@ async def make_gateway() -> AsyncIterator[GatewayFactory]:
 
 
 @pytest.fixture
-async def gateway(make_gateway: GatewayFactory, openai_upstream: OpenAIEmulator, ollama_upstream: OllamaEmulator) -> Gateway:
+async def gateway(
+    make_gateway: GatewayFactory, openai_upstream: OpenAIEmulator, ollama_upstream: OllamaEmulator
+) -> Gateway:
     """A gateway with an OpenAI-compatible provider and an Ollama provider on the emulators,
     configured only through the SDKs' standard environment variables."""
     return await make_gateway(
-        {"OPENAI_API_KEY": OPENAI_TEST_KEY, "OPENAI_BASE_URL": openai_upstream.base_url, "OLLAMA_HOST": ollama_upstream.host}
+        {
+            "OPENAI_API_KEY": OPENAI_TEST_KEY,
+            "OPENAI_BASE_URL": openai_upstream.base_url,
+            "OLLAMA_HOST": ollama_upstream.host,
+        }
     )
 
 
@@ -134,8 +140,9 @@ def rich_error(error: grpc.aio.AioRpcError) -> RichError:
             detail.Unpack(bad)
     assert len(infos) == 1, status
     assert infos[0].domain == "llm-gateway"
-    return RichError(error.code(), error.details() or "", infos[0], retry, bad,
-                     {k: v for k, v in trailers if isinstance(v, str)})
+    return RichError(
+        error.code(), error.details() or "", infos[0], retry, bad, {k: v for k, v in trailers if isinstance(v, str)}
+    )
 
 
 async def expect_error(call: Awaitable[Any]) -> RichError:

@@ -15,9 +15,9 @@ import pytest
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
 from llm_gateway.v1 import llm_gateway_pb2 as pb
 from llm_gateway.v1 import llm_gateway_pb2_grpc as pb_grpc
-
 from llm_gateway_client import AsyncGatewayClient, GatewayCallError, GatewayClient
 
 from .conftest import Gateway
@@ -35,14 +35,22 @@ class RecordingServicer(pb_grpc.LLMGatewayServiceServicer):
         self.metadata.append(dict(context.invocation_metadata()))
         if request.model == "fail":
             info = any_pb2.Any()
-            info.Pack(error_details_pb2.ErrorInfo(reason="MODEL_NOT_FOUND", domain="llm-gateway", metadata={"model": "fail"}))
+            info.Pack(
+                error_details_pb2.ErrorInfo(reason="MODEL_NOT_FOUND", domain="llm-gateway", metadata={"model": "fail"})
+            )
             retry = any_pb2.Any()
             retry.Pack(error_details_pb2.RetryInfo(retry_delay={"seconds": 2}))
-            context.abort_with_status(rpc_status.to_status(
-                status_pb2.Status(code=code_pb2.NOT_FOUND, message="no such model", details=[info, retry])))
-        return pb.ChatResponse(model=request.model, provider="test",
-                               message=pb.Message(role=pb.ROLE_ASSISTANT, content=[pb.ContentPart(text="hello back")]),
-                               finish_reason=pb.FINISH_REASON_STOP)
+            context.abort_with_status(
+                rpc_status.to_status(
+                    status_pb2.Status(code=code_pb2.NOT_FOUND, message="no such model", details=[info, retry])
+                )
+            )
+        return pb.ChatResponse(
+            model=request.model,
+            provider="test",
+            message=pb.Message(role=pb.ROLE_ASSISTANT, content=[pb.ContentPart(text="hello back")]),
+            finish_reason=pb.FINISH_REASON_STOP,
+        )
 
     def ChatStream(self, request: pb.ChatStreamRequest, context: grpc.ServicerContext) -> Any:
         self.requests.append(request)
@@ -65,10 +73,13 @@ def grpc_stub_cls(grpc_channel: grpc.Channel) -> Any:
     return pb_grpc.LLMGatewayServiceStub
 
 
-def test_sync_client_builds_requests_and_sends_key(grpc_channel: grpc.Channel, grpc_servicer: RecordingServicer) -> None:
+def test_sync_client_builds_requests_and_sends_key(
+    grpc_channel: grpc.Channel, grpc_servicer: RecordingServicer
+) -> None:
     client = GatewayClient(channel=grpc_channel, api_key="gw-key")
-    reply = client.chat("m", "Hi", system="Be brief.", provider="openai",
-                        generation=pb.GenerationOptions(max_output_tokens=5))
+    reply = client.chat(
+        "m", "Hi", system="Be brief.", provider="openai", generation=pb.GenerationOptions(max_output_tokens=5)
+    )
     assert reply.message.content[0].text == "hello back"
     sent = grpc_servicer.requests[-1]
     assert [m.role for m in sent.messages] == [pb.ROLE_SYSTEM, pb.ROLE_USER]

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from google.protobuf import descriptor_pb2, json_format
+
 from llm_gateway.v1 import llm_gateway_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,8 +18,10 @@ ISSUE_JSON = '{"model":"m","messages":[{"role":"ROLE_USER","content":[{"text":"H
 
 
 def _fields(message: type) -> list[tuple[str, int, int, str]]:
-    return [(f.name, f.number, f.type, f.message_type.full_name if f.message_type else "")
-            for f in message.DESCRIPTOR.fields]  # type: ignore[attr-defined]
+    return [
+        (f.name, f.number, f.type, f.message_type.full_name if f.message_type else "")
+        for f in message.DESCRIPTOR.fields
+    ]  # type: ignore[attr-defined]
 
 
 def test_chat_and_stream_requests_share_fields_and_numbers() -> None:
@@ -59,8 +62,15 @@ def test_fixed_names() -> None:
 def _descriptor_with_comments(tmp_path: Path) -> descriptor_pb2.FileDescriptorProto:
     out = tmp_path / "set.pb"
     subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", f"-I{ROOT / 'protos'}", "--include_source_info",
-         f"--descriptor_set_out={out}", PROTO],
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{ROOT / 'protos'}",
+            "--include_source_info",
+            f"--descriptor_set_out={out}",
+            PROTO,
+        ],
         check=True,
     )
     return descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file[0]
@@ -79,14 +89,24 @@ def test_every_element_is_commented(tmp_path: Path) -> None:
             missing.append(enum.name)
         missing.extend(v.name for j, v in enumerate(enum.value) if (5, i, 2, j) not in commented)
     for i, service in enumerate(file.service):
-        missing.extend(f"{service.name}.{m.name}" for j, m in enumerate(service.method) if (6, i, 2, j) not in commented)
+        missing.extend(
+            f"{service.name}.{m.name}" for j, m in enumerate(service.method) if (6, i, 2, j) not in commented
+        )
     assert not missing, f"uncommented: {missing}"
 
 
 def test_committed_stubs_match_the_proto(tmp_path: Path) -> None:
     subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", f"-I{ROOT / 'protos'}", f"--python_out={tmp_path}",
-         f"--pyi_out={tmp_path}", f"--grpc_python_out={tmp_path}", PROTO],
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{ROOT / 'protos'}",
+            f"--python_out={tmp_path}",
+            f"--pyi_out={tmp_path}",
+            f"--grpc_python_out={tmp_path}",
+            PROTO,
+        ],
         check=True,
     )
     generated = tmp_path / "llm_gateway" / "v1"

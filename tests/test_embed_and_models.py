@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
+
 from llm_gateway.v1 import llm_gateway_pb2 as pb
 
 from .conftest import Gateway, expect_error
@@ -79,7 +80,9 @@ async def test_list_models_filters_and_paginates(gateway: Gateway) -> None:
 
 async def test_list_models_rejects_foreign_token_and_bad_size(gateway: Gateway) -> None:
     page = await gateway.stub.ListModels(pb.ListModelsRequest(provider="openai", page_size=1))
-    error = await expect_error(gateway.stub.ListModels(pb.ListModelsRequest(provider="ollama", page_token=page.next_page_token)))
+    error = await expect_error(
+        gateway.stub.ListModels(pb.ListModelsRequest(provider="ollama", page_token=page.next_page_token))
+    )
     assert (error.code, error.info.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST")
     assert error.bad_request is not None and error.bad_request.field_violations[0].field == "page_token"
     error = await expect_error(gateway.stub.ListModels(pb.ListModelsRequest(page_token="!!!")))

@@ -9,6 +9,7 @@ import json
 import grpc
 import pytest
 from google.protobuf import struct_pb2
+
 from llm_gateway.v1 import llm_gateway_pb2 as pb
 
 from .conftest import Gateway, chat, chat_stream, collect, expect_error, rich_error, user
@@ -51,7 +52,11 @@ async def test_options_translation_and_dropped_options(gateway: Gateway, ollama_
         chat(
             "ollama/llama3.2",
             generation=pb.GenerationOptions(
-                temperature=0.1, top_k=20, max_output_tokens=5, seed=3, stop_sequences=["\n"],
+                temperature=0.1,
+                top_k=20,
+                max_output_tokens=5,
+                seed=3,
+                stop_sequences=["\n"],
                 response_format=pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_JSON_OBJECT),
             ),
             tools=[pb.Tool(name="lookup")],
@@ -96,15 +101,25 @@ async def test_tool_calls_and_results(gateway: Gateway, ollama_upstream: OllamaE
 
 
 async def test_image_bytes_become_base64_images(gateway: Gateway, ollama_upstream: OllamaEmulator) -> None:
-    message = pb.Message(role=pb.ROLE_USER, content=[
-        pb.ContentPart(text="describe"), pb.ContentPart(image=pb.ImagePart(data=b"abc", mime_type="image/jpeg"))])
+    message = pb.Message(
+        role=pb.ROLE_USER,
+        content=[
+            pb.ContentPart(text="describe"),
+            pb.ContentPart(image=pb.ImagePart(data=b"abc", mime_type="image/jpeg")),
+        ],
+    )
     await gateway.stub.Chat(pb.ChatRequest(model="llava", messages=[message]))
     assert ollama_upstream.requests[-1].body["messages"][0]["images"] == ["YWJj"]
 
 
 async def test_image_url_is_rejected_for_ollama(gateway: Gateway, ollama_upstream: OllamaEmulator) -> None:
-    message = pb.Message(role=pb.ROLE_USER, content=[
-        pb.ContentPart(text="describe"), pb.ContentPart(image=pb.ImagePart(url="https://example.com/cat.png"))])
+    message = pb.Message(
+        role=pb.ROLE_USER,
+        content=[
+            pb.ContentPart(text="describe"),
+            pb.ContentPart(image=pb.ImagePart(url="https://example.com/cat.png")),
+        ],
+    )
     error = await expect_error(gateway.stub.Chat(pb.ChatRequest(model="llava", messages=[message])))
     assert (error.code, error.info.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "CAPABILITY_NOT_SUPPORTED")
     assert ollama_upstream.requests == []
@@ -131,7 +146,9 @@ async def test_upstream_errors_map_to_status(
     assert error.info.metadata["provider"] == "ollama" and error.info.metadata["model"] == model
 
 
-@pytest.mark.parametrize(("model", "reason"), [("stream-error", "PROVIDER_UNAVAILABLE"), ("truncated", "PROVIDER_BAD_RESPONSE")])
+@pytest.mark.parametrize(
+    ("model", "reason"), [("stream-error", "PROVIDER_UNAVAILABLE"), ("truncated", "PROVIDER_BAD_RESPONSE")]
+)
 async def test_stream_failures_after_content(gateway: Gateway, model: str, reason: str) -> None:
     received = []
     with pytest.raises(grpc.aio.AioRpcError) as caught:

@@ -9,6 +9,7 @@ import json
 import grpc
 import pytest
 from google.protobuf import json_format, struct_pb2
+
 from llm_gateway.v1 import llm_gateway_pb2 as pb
 
 from .conftest import OPENAI_TEST_KEY, Gateway, chat, chat_stream, collect, expect_error, user
@@ -76,10 +77,17 @@ async def test_generation_options_are_translated(gateway: Gateway, openai_upstre
     request = chat(
         "m",
         generation=pb.GenerationOptions(
-            temperature=0.2, top_p=0.9, top_k=5, max_output_tokens=64, stop_sequences=["END"], seed=7,
-            presence_penalty=0.1, frequency_penalty=0.2,
+            temperature=0.2,
+            top_p=0.9,
+            top_k=5,
+            max_output_tokens=64,
+            stop_sequences=["END"],
+            seed=7,
+            presence_penalty=0.1,
+            frequency_penalty=0.2,
             response_format=pb.ResponseFormat(
-                type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA, json_schema=pb.JsonSchema(name="answer", schema=schema, strict=True)
+                type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+                json_schema=pb.JsonSchema(name="answer", schema=schema, strict=True),
             ),
         ),
         end_user_id="user-42",
@@ -91,7 +99,11 @@ async def test_generation_options_are_translated(gateway: Gateway, openai_upstre
     assert body["presence_penalty"] == 0.1 and body["frequency_penalty"] == 0.2
     assert body["response_format"] == {
         "type": "json_schema",
-        "json_schema": {"name": "answer", "schema": {"type": "object", "properties": {"a": {"type": "string"}}}, "strict": True},
+        "json_schema": {
+            "name": "answer",
+            "schema": {"type": "object", "properties": {"a": {"type": "string"}}},
+            "strict": True,
+        },
     }
     assert "top_k" not in body
     assert [(w.code, w.field) for w in response.warnings] == [("OPTION_DROPPED", "generation.top_k")]
@@ -129,8 +141,17 @@ async def test_tool_calls_round_trip(gateway: Gateway, openai_upstream: OpenAIEm
     )
     await gateway.stub.Chat(follow_up)
     sent = openai_upstream.calls("/chat/completions")[-1].body["messages"]
-    assert sent[1] == {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "call_emul_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]}
+    assert sent[1] == {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_emul_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'},
+            }
+        ],
+    }
     assert sent[2] == {"role": "tool", "content": '{"temp_c": 21}', "tool_call_id": "call_emul_1"}
 
 
@@ -149,8 +170,10 @@ async def test_streamed_tool_call_fragments_are_assembled(gateway: Gateway) -> N
 async def test_image_bytes_are_sent_as_data_url(gateway: Gateway, openai_upstream: OpenAIEmulator) -> None:
     message = pb.Message(
         role=pb.ROLE_USER,
-        content=[pb.ContentPart(text="What is this?"),
-                 pb.ContentPart(image=pb.ImagePart(data=b"\x89PNG", mime_type="image/png", detail=pb.IMAGE_DETAIL_LOW))],
+        content=[
+            pb.ContentPart(text="What is this?"),
+            pb.ContentPart(image=pb.ImagePart(data=b"\x89PNG", mime_type="image/png", detail=pb.IMAGE_DETAIL_LOW)),
+        ],
     )
     await gateway.stub.Chat(pb.ChatRequest(model="gpt-4o-mini", messages=[message]))
     content = openai_upstream.calls("/chat/completions")[-1].body["messages"][0]["content"]
@@ -181,8 +204,13 @@ async def test_image_bytes_are_sent_as_data_url(gateway: Gateway, openai_upstrea
 )
 @pytest.mark.parametrize("streaming", [False, True])
 async def test_upstream_errors_map_to_status(
-    gateway: Gateway, openai_upstream: OpenAIEmulator, model: str, code: grpc.StatusCode, reason: str,
-    upstream_status: str, streaming: bool,
+    gateway: Gateway,
+    openai_upstream: OpenAIEmulator,
+    model: str,
+    code: grpc.StatusCode,
+    reason: str,
+    upstream_status: str,
+    streaming: bool,
 ) -> None:
     call = collect(gateway.stub.ChatStream(chat_stream(model))) if streaming else gateway.stub.Chat(chat(model))
     error = await expect_error(call)
@@ -214,8 +242,11 @@ async def test_unreachable_upstream_is_unavailable(make_gateway: object) -> None
 
 @pytest.mark.parametrize(
     ("model", "reason", "chunks"),
-    [("stream-error", "PROVIDER_UNAVAILABLE", "1"), ("drop-stream", "PROVIDER_UNAVAILABLE", "1"),
-     ("truncated", "PROVIDER_BAD_RESPONSE", "1")],
+    [
+        ("stream-error", "PROVIDER_UNAVAILABLE", "1"),
+        ("drop-stream", "PROVIDER_UNAVAILABLE", "1"),
+        ("truncated", "PROVIDER_BAD_RESPONSE", "1"),
+    ],
 )
 async def test_stream_failure_after_content_is_unavailable_never_silent(
     gateway: Gateway, model: str, reason: str, chunks: str

@@ -14,9 +14,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
 from llm_gateway.v1 import llm_gateway_pb2 as pb
 from llm_gateway.v1 import llm_gateway_pb2_grpc as pb_grpc
-
 from llm_gateway_server.config import ConfigError, load_settings
 
 from .conftest import OPENAI_TEST_KEY, Gateway, chat
@@ -51,7 +51,9 @@ async def test_reflection_lists_services_and_resolves_contract(gateway: Gateway)
     assert symbol.file_descriptor_response.file_descriptor_proto
 
 
-async def test_drain_sets_not_serving_and_finishes_in_flight_calls(gateway: Gateway, openai_upstream: OpenAIEmulator) -> None:
+async def test_drain_sets_not_serving_and_finishes_in_flight_calls(
+    gateway: Gateway, openai_upstream: OpenAIEmulator
+) -> None:
     health = health_pb2_grpc.HealthStub(gateway.channel)
     watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE))
     first = await watch.read()
@@ -79,7 +81,7 @@ def _gateway_env(extra: dict[str, str]) -> dict[str, str]:
 
 async def test_cli_serves_from_env_and_drains_on_sigterm(openai_upstream: OpenAIEmulator) -> None:
     port = _free_port()
-    process = subprocess.Popen(
+    process = subprocess.Popen(  # noqa: ASYNC220 - a real process, so SIGTERM reaches the real signal handler
         [sys.executable, "-m", "llm_gateway_server", "serve", "--port", str(port)],
         env=_gateway_env({"OPENAI_API_KEY": OPENAI_TEST_KEY, "OPENAI_BASE_URL": openai_upstream.base_url}),
         stdout=subprocess.PIPE,
@@ -106,7 +108,11 @@ def test_cli_reports_invalid_config_clearly(tmp_path: Path) -> None:
     config.write_text("port: not-a-number\nproviders:\n  - name: Bad Name\n    kind: azure\n")
     result = subprocess.run(
         [sys.executable, "-m", "llm_gateway_server", "serve", "--config", str(config)],
-        env=_gateway_env({}), capture_output=True, text=True, timeout=30, check=False,
+        env=_gateway_env({}),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert result.returncode == 2
     assert "port" in result.stderr and "providers.0.name" in result.stderr and "providers.0.kind" in result.stderr
@@ -119,7 +125,9 @@ def test_settings_precedence_and_named_compatible_provider(tmp_path: Path) -> No
         "  - {name: llamacpp, kind: openai, base_url: 'http://127.0.0.1:8080/v1'}\n"
         "models:\n  - {id: my-model, provider: llamacpp, provider_model: gemma}\n"
     )
-    settings = load_settings(config, environ={"LLM_GATEWAY_PORT": "7000", "OPENAI_API_KEY": "k"}, overrides={"host": "0.0.0.0"})
+    settings = load_settings(
+        config, environ={"LLM_GATEWAY_PORT": "7000", "OPENAI_API_KEY": "k"}, overrides={"host": "0.0.0.0"}
+    )
     assert (settings.host, settings.port, settings.log_level) == ("0.0.0.0", 7000, "debug")
     assert [p.name for p in settings.providers] == ["openai", "llamacpp"]
     assert settings.providers[1].resolved_passthrough() and not settings.providers[0].resolved_passthrough()
@@ -149,8 +157,14 @@ async def test_named_openai_compatible_provider_from_config(
     gateway = await make_gateway(  # type: ignore[operator]
         {},
         providers=[{"name": "local-llm", "kind": "openai", "base_url": openai_upstream.base_url}],
-        models=[{"id": "house-model", "provider": "local-llm", "provider_model": "emulated-model",
-                 "pricing": {"input_per_million_usd": 1.0, "output_per_million_usd": 2.0}}],
+        models=[
+            {
+                "id": "house-model",
+                "provider": "local-llm",
+                "provider_model": "emulated-model",
+                "pricing": {"input_per_million_usd": 1.0, "output_per_million_usd": 2.0},
+            }
+        ],
     )
     response = await gateway.stub.Chat(chat("house-model"))
     assert response.provider == "local-llm" and response.model == "emulated-model"

@@ -7,6 +7,7 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from llm_gateway.v1 import llm_gateway_pb2 as pb
 
 from .conftest import Gateway, chat, expect_error, rich_error, user
@@ -19,22 +20,48 @@ from .conftest import Gateway, chat, expect_error, rich_error, user
         (pb.ChatRequest(model="m"), "messages"),
         (pb.ChatRequest(model="m", messages=[pb.Message(content=[pb.ContentPart(text="x")])]), "messages[0].role"),
         (pb.ChatRequest(model="m", messages=[pb.Message(role=pb.ROLE_USER)]), "messages[0].content"),
-        (pb.ChatRequest(model="m", messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentPart()])]), "messages[0].content[0]"),
-        (pb.ChatRequest(model="m", messages=[pb.Message(role=pb.ROLE_TOOL, content=[pb.ContentPart(text="r")])]),
-         "messages[0].tool_call_id"),
+        (
+            pb.ChatRequest(model="m", messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentPart()])]),
+            "messages[0].content[0]",
+        ),
+        (
+            pb.ChatRequest(model="m", messages=[pb.Message(role=pb.ROLE_TOOL, content=[pb.ContentPart(text="r")])]),
+            "messages[0].tool_call_id",
+        ),
         (chat("m", generation=pb.GenerationOptions(temperature=3)), "generation.temperature"),
         (chat("m", generation=pb.GenerationOptions(top_p=0)), "generation.top_p"),
         (chat("m", generation=pb.GenerationOptions(max_output_tokens=0)), "generation.max_output_tokens"),
         (chat("m", generation=pb.GenerationOptions(stop_sequences=[""])), "generation.stop_sequences[0]"),
-        (chat("m", generation=pb.GenerationOptions(
-            response_format=pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA))),
-         "generation.response_format.json_schema.schema"),
+        (
+            chat(
+                "m",
+                generation=pb.GenerationOptions(
+                    response_format=pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA)
+                ),
+            ),
+            "generation.response_format.json_schema.schema",
+        ),
         (chat("m", tools=[pb.Tool(name="bad name")]), "tools[0].name"),
         (chat("m", tool_choice=pb.ToolChoice(function_name="missing")), "tool_choice.function_name"),
-        (pb.ChatRequest(model="m", messages=[pb.Message(role=pb.ROLE_USER, content=[
-            pb.ContentPart(image=pb.ImagePart(data=b"x", mime_type="text/plain"))])]), "messages[0].content[0].image.mime_type"),
-        (pb.ChatRequest(model="m", messages=[pb.Message(role=pb.ROLE_USER, content=[
-            pb.ContentPart(image=pb.ImagePart(url="ftp://x"))])]), "messages[0].content[0].image.url"),
+        (
+            pb.ChatRequest(
+                model="m",
+                messages=[
+                    pb.Message(
+                        role=pb.ROLE_USER,
+                        content=[pb.ContentPart(image=pb.ImagePart(data=b"x", mime_type="text/plain"))],
+                    )
+                ],
+            ),
+            "messages[0].content[0].image.mime_type",
+        ),
+        (
+            pb.ChatRequest(
+                model="m",
+                messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentPart(image=pb.ImagePart(url="ftp://x"))])],
+            ),
+            "messages[0].content[0].image.url",
+        ),
         (chat("m", metadata={str(i): "v" for i in range(17)}), "metadata"),
         (chat("m", cache=pb.CacheOptions(ttl_seconds=0)), "cache.ttl_seconds"),
         (chat("m", routing=pb.RoutingOptions(provider="nope")), "routing.provider"),
@@ -97,7 +124,9 @@ _parts = st.builds(
     pb.ContentPart,
     text=_texts,
 ) | st.builds(
-    lambda url, data, mime: pb.ContentPart(image=pb.ImagePart(url=url) if url is not None else pb.ImagePart(data=data, mime_type=mime)),
+    lambda url, data, mime: pb.ContentPart(
+        image=pb.ImagePart(url=url) if url is not None else pb.ImagePart(data=data, mime_type=mime)
+    ),
     st.one_of(st.none(), st.text(max_size=30)),
     st.binary(max_size=16),
     st.sampled_from(["", "image/png", "text/plain"]),

@@ -14,7 +14,9 @@ from .transport.server import serve
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llm-gateway", description="LLM Gateway: one gRPC contract for many LLM providers.")
+    parser = argparse.ArgumentParser(
+        prog="llm-gateway", description="LLM Gateway: one gRPC contract for many LLM providers."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("serve", help="run the gRPC server until SIGTERM/SIGINT")
     run.add_argument("--host", help="bind address (default 127.0.0.1, or LLM_GATEWAY_HOST)")

@@ -16,7 +16,13 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, EnvSettingsSource, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 from pydantic_settings.sources.utils import parse_env_vars
 
 from .domain import Capability
@@ -76,7 +82,9 @@ class ProviderSettings(BaseModel):
         """Whether unknown model ids may be routed to this provider."""
         if self.passthrough is not None:
             return self.passthrough
-        return self.kind == "openai" and (self.base_url or OPENAI_DEFAULT_BASE_URL).rstrip("/") != OPENAI_DEFAULT_BASE_URL
+        return (
+            self.kind == "openai" and (self.base_url or OPENAI_DEFAULT_BASE_URL).rstrip("/") != OPENAI_DEFAULT_BASE_URL
+        )
 
 
 class PricingSettings(BaseModel):
@@ -149,7 +157,12 @@ def _env_providers(environ: Mapping[str, str]) -> list[ProviderSettings]:
     found: list[ProviderSettings] = []
     if environ.get("OPENAI_API_KEY") or environ.get("OPENAI_BASE_URL"):
         found.append(
-            ProviderSettings(name="openai", kind="openai", base_url=environ.get("OPENAI_BASE_URL") or None, api_key_env="OPENAI_API_KEY")
+            ProviderSettings(
+                name="openai",
+                kind="openai",
+                base_url=environ.get("OPENAI_BASE_URL") or None,
+                api_key_env="OPENAI_API_KEY",
+            )
         )
     if environ.get("OLLAMA_HOST"):
         found.append(ProviderSettings(name="ollama", kind="ollama", base_url=environ["OLLAMA_HOST"]))
@@ -206,7 +219,11 @@ def load_settings(
             dotenv_settings: PydanticBaseSettingsSource,
             file_secret_settings: PydanticBaseSettingsSource,
         ) -> tuple[PydanticBaseSettingsSource, ...]:
-            return (init_settings, _Environment(settings_cls), InitSettingsSource(settings_cls, init_kwargs=file_values))
+            return (
+                init_settings,
+                _Environment(settings_cls),
+                InitSettingsSource(settings_cls, init_kwargs=file_values),
+            )
 
     explicit = {k: v for k, v in (overrides or {}).items() if v is not None}
     try:

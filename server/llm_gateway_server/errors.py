@@ -74,13 +74,17 @@ def invalid_request(violations: Sequence[FieldViolation]) -> GatewayError:
     """INVALID_ARGUMENT / INVALID_REQUEST listing every violation (BadRequest details)."""
     summary = "; ".join(f"{v.field}: {v.description}" for v in violations[:5])
     more = f" (and {len(violations) - 5} more)" if len(violations) > 5 else ""
-    return GatewayError("INVALID_ARGUMENT", "INVALID_REQUEST", f"invalid request: {summary}{more}", violations=violations)
+    return GatewayError(
+        "INVALID_ARGUMENT", "INVALID_REQUEST", f"invalid request: {summary}{more}", violations=violations
+    )
 
 
 def model_not_found(model: str, hint: str = "") -> GatewayError:
     """NOT_FOUND / MODEL_NOT_FOUND for a model the gateway cannot route."""
     text = f"model {model!r} is not known to the gateway"
-    return GatewayError("NOT_FOUND", "MODEL_NOT_FOUND", f"{text}{'; ' + hint if hint else ''}", metadata={"model": model})
+    return GatewayError(
+        "NOT_FOUND", "MODEL_NOT_FOUND", f"{text}{'; ' + hint if hint else ''}", metadata={"model": model}
+    )
 
 
 def capability_not_supported(model: str, capability: str, alternatives: Sequence[str] = ()) -> GatewayError:

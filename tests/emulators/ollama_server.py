@@ -28,8 +28,14 @@ from aiohttp import web
 
 from .openai_server import Recorded
 
-_STATS = {"total_duration": 182242375, "load_duration": 41295167, "prompt_eval_count": 13, "prompt_eval_duration": 24573166,
-          "eval_count": 5, "eval_duration": 115959084}
+_STATS = {
+    "total_duration": 182242375,
+    "load_duration": 41295167,
+    "prompt_eval_count": 13,
+    "prompt_eval_duration": 24573166,
+    "eval_count": 5,
+    "eval_duration": 115959084,
+}
 
 
 @dataclass
@@ -100,8 +106,16 @@ class OllamaEmulator:
             message: dict[str, Any] = {"role": "assistant", "content": text}
             if calls:
                 message["tool_calls"] = calls
-            return web.json_response({"model": model, "created_at": created, "message": message,
-                                      "done_reason": reason, "done": True, **_STATS})
+            return web.json_response(
+                {
+                    "model": model,
+                    "created_at": created,
+                    "message": message,
+                    "done_reason": reason,
+                    "done": True,
+                    **_STATS,
+                }
+            )
         response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await response.prepare(request)
 
@@ -110,17 +124,38 @@ class OllamaEmulator:
 
         pieces = [text[: len(text) // 2], text[len(text) // 2 :]] if text else []
         for i, piece in enumerate(pieces):
-            await line({"model": model, "created_at": created, "message": {"role": "assistant", "content": piece}, "done": False})
+            await line(
+                {
+                    "model": model,
+                    "created_at": created,
+                    "message": {"role": "assistant", "content": piece},
+                    "done": False,
+                }
+            )
             if i == 0 and model == "stream-error":
                 await line({"error": "an error was encountered while running the model"})
                 return response
             if i == 0 and model == "truncated":
                 return response
         if calls:
-            await line({"model": model, "created_at": created,
-                        "message": {"role": "assistant", "content": "", "tool_calls": calls}, "done": False})
-        await line({"model": model, "created_at": created, "message": {"role": "assistant", "content": ""},
-                    "done_reason": reason, "done": True, **_STATS})
+            await line(
+                {
+                    "model": model,
+                    "created_at": created,
+                    "message": {"role": "assistant", "content": "", "tool_calls": calls},
+                    "done": False,
+                }
+            )
+        await line(
+            {
+                "model": model,
+                "created_at": created,
+                "message": {"role": "assistant", "content": ""},
+                "done_reason": reason,
+                "done": True,
+                **_STATS,
+            }
+        )
         return response
 
     async def _embed(self, request: web.Request) -> web.Response:
@@ -130,23 +165,53 @@ class OllamaEmulator:
         if error is not None:
             return error
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
-        return web.json_response({"model": model, "embeddings": [[float(len(t)), 0.25, 0.5] for t in inputs],
-                                  "total_duration": 14143917, "load_duration": 1019500, "prompt_eval_count": 2 * len(inputs)})
+        return web.json_response(
+            {
+                "model": model,
+                "embeddings": [[float(len(t)), 0.25, 0.5] for t in inputs],
+                "total_duration": 14143917,
+                "load_duration": 1019500,
+                "prompt_eval_count": 2 * len(inputs),
+            }
+        )
 
     async def _tags(self, request: web.Request) -> web.Response:
         await self._record(request)
-        return web.json_response({"models": [
-            {"name": m, "model": m, "modified_at": "2025-05-04T17:37:44.706015396-07:00", "size": 2019393189,
-             "digest": "a80c4f17acd55265feec403c7aef86be0c25983ab279d83f3bcd3abbcb5b8b72",
-             "details": {"parent_model": "", "format": "gguf", "family": "llama", "families": ["llama"],
-                         "parameter_size": "3.2B", "quantization_level": "Q4_K_M"}} for m in self.models]})
+        return web.json_response(
+            {
+                "models": [
+                    {
+                        "name": m,
+                        "model": m,
+                        "modified_at": "2025-05-04T17:37:44.706015396-07:00",
+                        "size": 2019393189,
+                        "digest": "a80c4f17acd55265feec403c7aef86be0c25983ab279d83f3bcd3abbcb5b8b72",
+                        "details": {
+                            "parent_model": "",
+                            "format": "gguf",
+                            "family": "llama",
+                            "families": ["llama"],
+                            "parameter_size": "3.2B",
+                            "quantization_level": "Q4_K_M",
+                        },
+                    }
+                    for m in self.models
+                ]
+            }
+        )
 
     async def _show(self, request: web.Request) -> web.Response:
         body = await self._record(request)
         name = body.get("model") or body.get("name")
         if name not in self.models:
             return web.json_response({"error": f"model '{name}' not found"}, status=404)
-        return web.json_response({"modelfile": "", "parameters": "", "template": "{{ .Prompt }}",
-                                  "details": {"format": "gguf", "family": "llama"},
-                                  "model_info": {"general.architecture": "llama", "llama.context_length": 131072},
-                                  "capabilities": ["completion", "tools"]})
+        return web.json_response(
+            {
+                "modelfile": "",
+                "parameters": "",
+                "template": "{{ .Prompt }}",
+                "details": {"format": "gguf", "family": "llama"},
+                "model_info": {"general.architecture": "llama", "llama.context_length": 131072},
+                "capabilities": ["completion", "tools"],
+            }
+        )

@@ -104,8 +104,13 @@ class OpenAIEmulator:
         return body
 
     @staticmethod
-    def _error(status: int, message: str, code: str | None = None, type_: str = "invalid_request_error",
-               headers: dict[str, str] | None = None) -> web.Response:
+    def _error(
+        status: int,
+        message: str,
+        code: str | None = None,
+        type_: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ) -> web.Response:
         body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
         return web.json_response(body, status=status, headers={"x-request-id": "req_emulated", **(headers or {})})
 
@@ -115,7 +120,9 @@ class OpenAIEmulator:
             headers = {"retry-after-ms": "1500"} if status == 429 else {}
             type_ = "server_error" if status >= 500 else "requests" if status == 429 else "invalid_request_error"
             message = (
-                "Incorrect API key provided: sk-abc***xyz." if status == 401 else f"emulated failure with status {status}"
+                "Incorrect API key provided: sk-abc***xyz."
+                if status == 401
+                else f"emulated failure with status {status}"
             )
             return self._error(status, message, None, type_, headers)
         if model == "context-length":
@@ -125,7 +132,9 @@ class OpenAIEmulator:
         if model == "quota":
             return self._error(429, "You exceeded your current quota.", "insufficient_quota", "insufficient_quota")
         if model == "missing-model":
-            return self._error(404, f"The model `{model}` does not exist or you do not have access to it.", "model_not_found")
+            return self._error(
+                404, f"The model `{model}` does not exist or you do not have access to it.", "model_not_found"
+            )
         return None
 
     async def _hang(self, request: web.Request, label: str) -> web.StreamResponse:
@@ -160,29 +169,54 @@ class OpenAIEmulator:
         if model == "malformed":
             return web.Response(text="{not json", content_type="application/json")
         text = f"echo: {self._last_user_text(body)}"
-        usage = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18,
-                 "prompt_tokens_details": {"cached_tokens": 2}, "completion_tokens_details": {"reasoning_tokens": 0}}
+        usage = {
+            "prompt_tokens": 11,
+            "completion_tokens": 7,
+            "total_tokens": 18,
+            "prompt_tokens_details": {"cached_tokens": 2},
+            "completion_tokens_details": {"reasoning_tokens": 0},
+        }
         finish = "length" if model == "length" else "tool_calls" if model == "tools" else "stop"
-        tool_calls = [{"id": "call_emul_1", "type": "function",
-                       "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]
+        tool_calls = [
+            {
+                "id": "call_emul_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'},
+            }
+        ]
         if body.get("stream"):
             return await self._stream(request, model, text, finish, usage, tool_calls)
         message: dict[str, Any] = {"role": "assistant", "content": None if model == "tools" else text, "refusal": None}
         if model == "tools":
             message["tool_calls"] = tool_calls
         completion: dict[str, Any] = {
-            "id": "chatcmpl-emulated", "object": "chat.completion", "created": int(time.time()), "model": model,
+            "id": "chatcmpl-emulated",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
         }
         if model != "no-usage":
             completion["usage"] = usage
         return web.json_response(completion, headers={"x-request-id": "req_emulated"})
 
-    async def _stream(self, request: web.Request, model: str, text: str, finish: str, usage: dict[str, Any],
-                      tool_calls: list[dict[str, Any]]) -> web.StreamResponse:
+    async def _stream(
+        self,
+        request: web.Request,
+        model: str,
+        text: str,
+        finish: str,
+        usage: dict[str, Any],
+        tool_calls: list[dict[str, Any]],
+    ) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "x-request-id": "req_emulated"})
         await response.prepare(request)
-        base = {"id": "chatcmpl-emulated", "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
+        base = {
+            "id": "chatcmpl-emulated",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model,
+        }
 
         async def send(obj: Any) -> None:
             payload = obj if isinstance(obj, str) else json.dumps(obj)
@@ -192,9 +226,23 @@ class OpenAIEmulator:
             return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
 
         if model == "tools":
-            await send(chunk({"role": "assistant", "content": None, "tool_calls": [
-                {"index": 0, "id": "call_emul_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]}))
-            for piece in ("{\"city\"", ":\"Par", "is\"}"):
+            await send(
+                chunk(
+                    {
+                        "role": "assistant",
+                        "content": None,
+                        "tool_calls": [
+                            {
+                                "index": 0,
+                                "id": "call_emul_1",
+                                "type": "function",
+                                "function": {"name": "get_weather", "arguments": ""},
+                            }
+                        ],
+                    }
+                )
+            )
+            for piece in ('{"city"', ':"Par', 'is"}'):
                 await send(chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}))
         else:
             await send(chunk({"role": "assistant", "content": ""}))
@@ -237,13 +285,25 @@ class OpenAIEmulator:
                 encoded = vector
             data.append({"object": "embedding", "index": i, "embedding": encoded})
         data.reverse()  # the API does not promise order; the gateway must sort by index
-        return web.json_response({"object": "list", "data": data, "model": model,
-                                  "usage": {"prompt_tokens": 3 * len(inputs), "total_tokens": 3 * len(inputs)}})
+        return web.json_response(
+            {
+                "object": "list",
+                "data": data,
+                "model": model,
+                "usage": {"prompt_tokens": 3 * len(inputs), "total_tokens": 3 * len(inputs)},
+            }
+        )
 
     async def _models(self, request: web.Request) -> web.Response:
         await self._record(request)
-        return web.json_response({"object": "list", "data": [
-            {"id": m, "object": "model", "created": 1715367049, "owned_by": "emulator"} for m in self.models]})
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [
+                    {"id": m, "object": "model", "created": 1715367049, "owned_by": "emulator"} for m in self.models
+                ],
+            }
+        )
 
     async def _model(self, request: web.Request) -> web.Response:
         await self._record(request)

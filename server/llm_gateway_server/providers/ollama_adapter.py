@@ -74,7 +74,9 @@ class OllamaProvider(Provider):
             usage=ollama_mapping.usage_from_wire(response),
         )
 
-    async def chat_stream(self, request: ChatRequest, model: str, timeout_s: float) -> AsyncIterator[ProviderStreamEvent]:
+    async def chat_stream(
+        self, request: ChatRequest, model: str, timeout_s: float
+    ) -> AsyncIterator[ProviderStreamEvent]:
         """Streamed chat over NDJSON; see `Provider.chat_stream`."""
         params, _ = ollama_mapping.chat_params(request, model, self.name)
         # Bounded here until the response starts; the router bounds every later chunk (a timeout
@@ -104,7 +106,7 @@ class OllamaProvider(Provider):
         except Exception as exc:
             raise self._map(exc, model) from exc
         finally:
-            await stream.aclose()  # type: ignore[attr-defined]
+            await stream.aclose()
         raise errors.bad_response(self.name, model, "the stream ended before its final (done) line")
 
     async def embed(
@@ -161,4 +163,3 @@ class OllamaProvider(Provider):
         if isinstance(exc, (json.JSONDecodeError, pydantic.ValidationError, ValueError, TypeError, KeyError)):
             return errors.bad_response(self.name, model, f"{type(exc).__name__}: {str(exc)[:200]}")
         return errors.bad_response(self.name, model, f"unexpected {type(exc).__name__}")
-

@@ -114,9 +114,13 @@ def chat_params(request: ChatRequest, model: str, provider: str) -> tuple[dict[s
         ]
     choice = request.tool_choice
     if choice is not None and (choice.function_name or choice.mode in ("required", "none")):
-        warnings.append(Warning("OPTION_DROPPED", "tool_choice", "Ollama's /api/chat has no tool_choice; the model decides"))
+        warnings.append(
+            Warning("OPTION_DROPPED", "tool_choice", "Ollama's /api/chat has no tool_choice; the model decides")
+        )
     if gen.parallel_tool_calls is not None:
-        warnings.append(Warning("OPTION_DROPPED", "generation.parallel_tool_calls", "Ollama has no parallel_tool_calls switch"))
+        warnings.append(
+            Warning("OPTION_DROPPED", "generation.parallel_tool_calls", "Ollama has no parallel_tool_calls switch")
+        )
     return params, tuple(warnings)
 
 

@@ -74,7 +74,9 @@ class OpenAIProvider(Provider):
     async def chat(self, request: ChatRequest, model: str, timeout_s: float) -> ProviderChatResult:
         """Non-streamed chat; see `Provider.chat`."""
         params, _ = openai_mapping.chat_params(request, model, stream=False)
-        completion = await self._call(model, timeout_s, lambda: self._client.chat.completions.create(**params, timeout=timeout_s))
+        completion = await self._call(
+            model, timeout_s, lambda: self._client.chat.completions.create(**params, timeout=timeout_s)
+        )
         if not completion.choices:
             raise errors.bad_response(self.name, model, "the completion has no choices")
         choice = completion.choices[0]
@@ -89,10 +91,14 @@ class OpenAIProvider(Provider):
             response_id=completion.id or "",
         )
 
-    async def chat_stream(self, request: ChatRequest, model: str, timeout_s: float) -> AsyncIterator[ProviderStreamEvent]:
+    async def chat_stream(
+        self, request: ChatRequest, model: str, timeout_s: float
+    ) -> AsyncIterator[ProviderStreamEvent]:
         """Streamed chat over SSE; see `Provider.chat_stream`."""
         params, _ = openai_mapping.chat_params(request, model, stream=True)
-        stream = await self._call(model, timeout_s, lambda: self._client.chat.completions.create(**params, timeout=timeout_s))
+        stream = await self._call(
+            model, timeout_s, lambda: self._client.chat.completions.create(**params, timeout=timeout_s)
+        )
         raw_reason: str | None = None
         usage: Usage | None = None
         response_id = ""
@@ -138,7 +144,9 @@ class OpenAIProvider(Provider):
             result = await self._call(
                 model,
                 timeout_s,
-                lambda batch=batch: self._client.embeddings.create(model=model, input=batch, timeout=timeout_s, **extra),  # type: ignore[misc]
+                lambda batch=batch: self._client.embeddings.create(
+                    model=model, input=batch, timeout=timeout_s, **extra
+                ),  # type: ignore[misc]
             )
             ordered = sorted(result.data, key=lambda d: d.index)
             if len(ordered) != len(batch):
@@ -191,4 +199,3 @@ class OpenAIProvider(Provider):
         if isinstance(exc, (json.JSONDecodeError, ValueError, TypeError, KeyError, AttributeError)):
             return errors.bad_response(self.name, model, f"{type(exc).__name__}: {exc}")
         return errors.bad_response(self.name, model, f"unexpected {type(exc).__name__}")
-

@@ -54,7 +54,9 @@ class Catalog:
     def with_capability(self, capability: Capability, providers: Sequence[str] | None = None) -> tuple[str, ...]:
         """Ids of models with `capability`, optionally only of the given providers."""
         return tuple(
-            m.id for m in self._ordered if capability in m.capabilities and (providers is None or m.provider in providers)
+            m.id
+            for m in self._ordered
+            if capability in m.capabilities and (providers is None or m.provider in providers)
         )
 
 

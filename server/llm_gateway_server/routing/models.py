@@ -35,7 +35,9 @@ class ModelDirectory:
         fetch_timeout_s: bound on one live-list fetch, seconds.
     """
 
-    def __init__(self, catalog: Catalog, registry: ProviderRegistry, ttl_s: float, fetch_timeout_s: float = 5.0) -> None:
+    def __init__(
+        self, catalog: Catalog, registry: ProviderRegistry, ttl_s: float, fetch_timeout_s: float = 5.0
+    ) -> None:
         self._catalog = catalog
         self._registry = registry
         self._ttl_s = ttl_s
@@ -137,7 +139,9 @@ def _decode_token(token: str, filters: str) -> int:
         offset = int(data["o"])
         same = data["f"] == filters
     except (binascii.Error, ValueError, KeyError, TypeError):
-        raise invalid_request([FieldViolation("page_token", "not a token from a previous ListModels response")]) from None
+        raise invalid_request(
+            [FieldViolation("page_token", "not a token from a previous ListModels response")]
+        ) from None
     if not same or offset < 0:
         raise invalid_request([FieldViolation("page_token", "was issued for different filters")])
     return offset

@@ -47,13 +47,20 @@ class Resolver:
         """
         if provider_hint and self._registry.get(provider_hint) is None:
             raise invalid_request(
-                [FieldViolation("routing.provider", f"provider {provider_hint!r} is not configured; configured: {self._configured()}")]
+                [
+                    FieldViolation(
+                        "routing.provider",
+                        f"provider {provider_hint!r} is not configured; configured: {self._configured()}",
+                    )
+                ]
             )
         info = self._catalog.get(model)
         if info is not None and (not provider_hint or info.provider == provider_hint):
             provider = self._registry.get(info.provider)
             if provider is None:
-                raise provider_not_configured(info.provider, model, CONFIGURE_HINTS.get(info.provider, "add it to `providers:`"))
+                raise provider_not_configured(
+                    info.provider, model, CONFIGURE_HINTS.get(info.provider, "add it to `providers:`")
+                )
             return Deployment(provider, info.provider_model, info)
         prefix, _, rest = model.partition("/")
         if rest and self._registry.get(prefix) is not None and (not provider_hint or prefix == provider_hint):
@@ -79,7 +86,4 @@ class Resolver:
         return ", ".join(self._registry.names()) or "none"
 
     def _hint(self) -> str:
-        return (
-            f"use a catalog id (ListModels), or 'provider/model' with a configured provider ({self._configured()})"
-        )
-
+        return f"use a catalog id (ListModels), or 'provider/model' with a configured provider ({self._configured()})"

@@ -70,7 +70,8 @@ class ToolCallAssembler:
     def calls(self, request_id: str) -> tuple[ToolCall, ...]:
         """The assembled calls by index; a call without an id gets `call_<request id>_<index>`."""
         return tuple(
-            ToolCall(id=c[0] or f"call_{request_id}_{i}", name=c[1], arguments=c[2]) for i, c in sorted(self._calls.items())
+            ToolCall(id=c[0] or f"call_{request_id}_{i}", name=c[1], arguments=c[2])
+            for i, c in sorted(self._calls.items())
         )
 
 
@@ -161,7 +162,9 @@ class Router:
         attempt = Attempt(
             provider.name, deployment.provider_model, AttemptOutcome.SUCCESS, (time.perf_counter() - started) * 1000.0
         )
-        usage = usage_or_estimate(result.usage, request.messages, len(result.text) + sum(len(c.arguments) for c in result.tool_calls))
+        usage = usage_or_estimate(
+            result.usage, request.messages, len(result.text) + sum(len(c.arguments) for c in result.tool_calls)
+        )
         pricing = deployment.info.pricing if deployment.info else None
         return ChatResponse(
             id=ctx.request_id,
@@ -230,7 +233,11 @@ class Router:
                 "UNAVAILABLE",
                 "PROVIDER_BAD_RESPONSE",
                 f"provider {provider.name!r} stream ended without a final event",
-                metadata={"provider": provider.name, "model": deployment.provider_model, "chunks_sent": str(chunks_sent)},
+                metadata={
+                    "provider": provider.name,
+                    "model": deployment.provider_model,
+                    "chunks_sent": str(chunks_sent),
+                },
             )
         attempt = Attempt(
             provider.name, deployment.provider_model, AttemptOutcome.SUCCESS, (time.perf_counter() - started) * 1000.0
@@ -275,8 +282,10 @@ class Router:
         attempt = Attempt(
             provider.name, deployment.provider_model, AttemptOutcome.SUCCESS, (time.perf_counter() - started) * 1000.0
         )
-        usage = result.usage if result.usage is not None and result.usage.input_tokens else Usage(
-            input_tokens=sum(estimate_tokens(len(t)) for t in request.inputs), estimated=True
+        usage = (
+            result.usage
+            if result.usage is not None and result.usage.input_tokens
+            else Usage(input_tokens=sum(estimate_tokens(len(t)) for t in request.inputs), estimated=True)
         )
         return EmbedResponse(
             id=ctx.request_id,

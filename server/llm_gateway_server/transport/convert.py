@@ -6,11 +6,17 @@ from collections.abc import Mapping
 from typing import Any, Literal, cast
 
 from google.protobuf import json_format
+
 from llm_gateway.v1 import llm_gateway_pb2 as pb
 
 from .. import domain as d
 
-_ROLES = {pb.ROLE_SYSTEM: d.Role.SYSTEM, pb.ROLE_USER: d.Role.USER, pb.ROLE_ASSISTANT: d.Role.ASSISTANT, pb.ROLE_TOOL: d.Role.TOOL}
+_ROLES = {
+    pb.ROLE_SYSTEM: d.Role.SYSTEM,
+    pb.ROLE_USER: d.Role.USER,
+    pb.ROLE_ASSISTANT: d.Role.ASSISTANT,
+    pb.ROLE_TOOL: d.Role.TOOL,
+}
 _ROLES_OUT = {v: k for k, v in _ROLES.items()}
 _DETAIL: dict[int, Literal["auto", "low", "high"] | None] = {
     pb.IMAGE_DETAIL_UNSPECIFIED: None,
@@ -268,7 +274,8 @@ def stream_event_out(response_id: str, event: d.ChatStreamEvent) -> pb.ChatStrea
             delta=pb.ChatDelta(
                 text=delta.text,
                 tool_calls=[
-                    pb.ToolCallDelta(index=f.index, id=f.id, name=f.name, arguments=f.arguments) for f in delta.tool_calls
+                    pb.ToolCallDelta(index=f.index, id=f.id, name=f.name, arguments=f.arguments)
+                    for f in delta.tool_calls
                 ],
             ),
         )

@@ -17,6 +17,7 @@ import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from llm_gateway.v1 import llm_gateway_pb2 as pb
 from llm_gateway.v1 import llm_gateway_pb2_grpc as pb_grpc
 

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import grpc
 import structlog
+
 from llm_gateway.v1 import llm_gateway_pb2 as pb
 from llm_gateway.v1 import llm_gateway_pb2_grpc as pb_grpc
 
@@ -51,8 +52,15 @@ def _rpc(handler: F) -> F:
     async def fail(context: grpc.aio.ServicerContext, ctx: CallContext, exc: Exception) -> None:
         if isinstance(exc, GatewayError):
             if exc.code in ("INTERNAL", "UNAVAILABLE", "DEADLINE_EXCEEDED"):
-                log.warning("rpc_failed", method=handler.__name__, request_id=ctx.request_id, code=exc.code,
-                            reason=exc.reason, error=exc.message, **exc.metadata)
+                log.warning(
+                    "rpc_failed",
+                    method=handler.__name__,
+                    request_id=ctx.request_id,
+                    code=exc.code,
+                    reason=exc.reason,
+                    error=exc.message,
+                    **exc.metadata,
+                )
             await abort(context, exc, ctx.request_id)
         log.error("rpc_bug", method=handler.__name__, request_id=ctx.request_id, exc_info=exc)
         await abort(
@@ -64,7 +72,9 @@ def _rpc(handler: F) -> F:
     if inspect.isasyncgenfunction(handler):
 
         @functools.wraps(handler)
-        async def stream_wrapper(self: LLMGatewayServicer, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def stream_wrapper(
+            self: LLMGatewayServicer, request: Any, context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Any]:
             ctx = begin(self, context)
             context.set_trailing_metadata((("x-request-id", ctx.request_id),))
             try:
@@ -91,7 +101,7 @@ def _rpc(handler: F) -> F:
     return unary_wrapper  # type: ignore[return-value]
 
 
-class LLMGatewayServicer(pb_grpc.LLMGatewayServiceServicer):
+class LLMGatewayServicer(pb_grpc.LLMGatewayServiceServicer):  # type: ignore[misc]  # generated base is untyped
     """gRPC servicer for `llm_gateway.v1.LLMGatewayService`.
 
     Args:
@@ -106,7 +116,9 @@ class LLMGatewayServicer(pb_grpc.LLMGatewayServiceServicer):
         self.default_deadline_s = default_deadline_s
 
     @_rpc
-    async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext, ctx: CallContext) -> pb.ChatResponse:
+    async def Chat(
+        self, request: pb.ChatRequest, context: grpc.aio.ServicerContext, ctx: CallContext
+    ) -> pb.ChatResponse:
         """Unary chat."""
         validation.check_chat(request)
         response = await self.router.chat(convert.chat_request_in(request), ctx)
@@ -126,7 +138,9 @@ class LLMGatewayServicer(pb_grpc.LLMGatewayServiceServicer):
             await events.aclose()  # type: ignore[attr-defined]
 
     @_rpc
-    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext, ctx: CallContext) -> pb.EmbedResponse:
+    async def Embed(
+        self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext, ctx: CallContext
+    ) -> pb.EmbedResponse:
         """Embeddings."""
         validation.check_embed(request)
         response = await self.router.embed(convert.embed_request_in(request), ctx)
@@ -140,10 +154,14 @@ class LLMGatewayServicer(pb_grpc.LLMGatewayServiceServicer):
         capability = convert.CAPABILITIES_IN.get(request.capability)
         page = await self.models.list(request.provider, capability, request.page_size, request.page_token)
         return pb.ListModelsResponse(
-            models=[convert.model_out(m) for m in page.models], next_page_token=page.next_page_token, total_size=page.total_size
+            models=[convert.model_out(m) for m in page.models],
+            next_page_token=page.next_page_token,
+            total_size=page.total_size,
         )
 
     @_rpc
-    async def GetModel(self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext, ctx: CallContext) -> pb.GetModelResponse:
+    async def GetModel(
+        self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext, ctx: CallContext
+    ) -> pb.GetModelResponse:
         """One model by name."""
         return pb.GetModelResponse(model=convert.model_out(await self.models.get(request.name)))

@@ -32,8 +32,10 @@ _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 ChatLike = pb.ChatRequest | pb.ChatStreamRequest
 
 
-def _range(v: list[FieldViolation], msg: pb.GenerationOptions, name: str, low: float, high: float, low_open: bool = False) -> None:
-    if not msg.HasField(name):  # type: ignore[arg-type]
+def _range(
+    v: list[FieldViolation], msg: pb.GenerationOptions, name: str, low: float, high: float, low_open: bool = False
+) -> None:
+    if not msg.HasField(name):
         return
     value = getattr(msg, name)
     if isinstance(value, float) and not math.isfinite(value):
@@ -43,7 +45,9 @@ def _range(v: list[FieldViolation], msg: pb.GenerationOptions, name: str, low: f
         v.append(FieldViolation(f"generation.{name}", f"must be in {bracket}{low:g}, {high:g}]"))
 
 
-def _common(v: list[FieldViolation], model: str, end_user_id: str, metadata: dict[str, str], cache: pb.CacheOptions) -> None:
+def _common(
+    v: list[FieldViolation], model: str, end_user_id: str, metadata: dict[str, str], cache: pb.CacheOptions
+) -> None:
     if not model.strip():
         v.append(FieldViolation("model", "required"))
     elif len(model) > MAX_MODEL_CHARS:
@@ -54,7 +58,11 @@ def _common(v: list[FieldViolation], model: str, end_user_id: str, metadata: dic
         v.append(FieldViolation("metadata", f"at most {MAX_METADATA_ENTRIES} entries"))
     for key, value in metadata.items():
         if not key or len(key) > MAX_METADATA_CHARS or len(value) > MAX_METADATA_CHARS:
-            v.append(FieldViolation(f"metadata[{key[:32]!r}]", f"keys 1-{MAX_METADATA_CHARS} chars, values at most {MAX_METADATA_CHARS}"))
+            v.append(
+                FieldViolation(
+                    f"metadata[{key[:32]!r}]", f"keys 1-{MAX_METADATA_CHARS} chars, values at most {MAX_METADATA_CHARS}"
+                )
+            )
     if cache.HasField("ttl_seconds") and not 1 <= cache.ttl_seconds <= MAX_TTL_SECONDS:
         v.append(FieldViolation("cache.ttl_seconds", f"must be in [1, {MAX_TTL_SECONDS}]"))
 
@@ -67,7 +75,9 @@ def _image(v: list[FieldViolation], path: str, image: pb.ImagePart) -> None:
         if not image.data:
             v.append(FieldViolation(f"{path}.data", "must not be empty"))
         if image.mime_type not in IMAGE_MIME_TYPES:
-            v.append(FieldViolation(f"{path}.mime_type", f"required with data; one of {', '.join(sorted(IMAGE_MIME_TYPES))}"))
+            v.append(
+                FieldViolation(f"{path}.mime_type", f"required with data; one of {', '.join(sorted(IMAGE_MIME_TYPES))}")
+            )
     elif not image.url.startswith(("https://", "http://", "data:image/")):
         v.append(FieldViolation(f"{path}.url", "must be an http(s) URL or a data:image/... URL"))
 

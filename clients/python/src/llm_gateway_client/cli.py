@@ -1,9 +1,9 @@
 """`llm-gateway-client`: a command line for humans.
 
-    llm-gateway-client chat --model gpt-4o-mini "Hello"            # unary
-    llm-gateway-client chat --model m --stream "Tell me a story"    # streamed
-    llm-gateway-client models [--provider openai]
-    llm-gateway-client embed --model text-embedding-3-small "a" "b"
+llm-gateway-client chat --model gpt-4o-mini "Hello"            # unary
+llm-gateway-client chat --model m --stream "Tell me a story"    # streamed
+llm-gateway-client models [--provider openai]
+llm-gateway-client embed --model text-embedding-3-small "a" "b"
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from google.protobuf import json_format
 
@@ -47,9 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with GatewayClient(args.target, api_key=args.api_key, timeout_s=args.timeout) as client:
         try:
             if args.command == "chat":
-                options = {"system": args.system, "provider": args.provider}
+                options: dict[str, Any] = {"system": args.system, "provider": args.provider}
                 if args.max_tokens is not None:
-                    options["generation"] = pb.GenerationOptions(max_output_tokens=args.max_tokens)  # type: ignore[assignment]
+                    options["generation"] = pb.GenerationOptions(max_output_tokens=args.max_tokens)
                 if args.stream:
                     for event in client.chat_stream(args.model, args.prompt, **options):
                         if event.WhichOneof("event") == "delta":
@@ -65,8 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for model in client.list_models(args.provider):
                     print(f"{model.id}\t{model.provider}\t{pb.Availability.Name(model.availability)}")
             else:
-                reply = client.embed(args.model, args.inputs)
-                for embedding in reply.embeddings:
+                embedded = client.embed(args.model, args.inputs)
+                for embedding in embedded.embeddings:
                     print(f"{embedding.index}\t{len(embedding.values)} dims\t{list(embedding.values[:4])}")
         except GatewayCallError as error:
             print(f"error: {error.code.name} {error.reason}: {error.message} {error.metadata}", file=sys.stderr)

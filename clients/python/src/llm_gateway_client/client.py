@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -59,8 +59,9 @@ def _messages(prompt: str | Sequence[pb.Message], system: str | None) -> list[pb
     return messages
 
 
-def build_chat_request(model: str, prompt: str | Sequence[pb.Message], *, system: str | None = None,
-                       provider: str = "", **fields: Any) -> pb.ChatRequest:
+def build_chat_request(
+    model: str, prompt: str | Sequence[pb.Message], *, system: str | None = None, provider: str = "", **fields: Any
+) -> pb.ChatRequest:
     """A ChatRequest from a prompt (or messages), an optional system prompt and a provider hint;
     `fields` are further ChatRequest fields (e.g. `generation=pb.GenerationOptions(...)`)."""
     if provider:
@@ -68,8 +69,9 @@ def build_chat_request(model: str, prompt: str | Sequence[pb.Message], *, system
     return pb.ChatRequest(model=model, messages=_messages(prompt, system), **fields)
 
 
-def build_chat_stream_request(model: str, prompt: str | Sequence[pb.Message], *, system: str | None = None,
-                              provider: str = "", **fields: Any) -> pb.ChatStreamRequest:
+def build_chat_stream_request(
+    model: str, prompt: str | Sequence[pb.Message], *, system: str | None = None, provider: str = "", **fields: Any
+) -> pb.ChatStreamRequest:
     """The ChatStreamRequest equivalent of `build_chat_request` (same fields and numbers)."""
     return pb.ChatStreamRequest.FromString(
         build_chat_request(model, prompt, system=system, provider=provider, **fields).SerializeToString()
@@ -83,8 +85,14 @@ def _metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
 class GatewayClient:
     """Blocking client. `timeout_s` is the deadline of each call, seconds."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, api_key: str | None = None, timeout_s: float = 120.0,
-                 channel: grpc.Channel | None = None) -> None:
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        api_key: str | None = None,
+        timeout_s: float = 120.0,
+        channel: grpc.Channel | None = None,
+    ) -> None:
         self._channel = channel or grpc.insecure_channel(target)
         self._owns_channel = channel is None
         self._stub = pb_grpc.LLMGatewayServiceStub(self._channel)
@@ -105,16 +113,23 @@ class GatewayClient:
     def chat(self, model: str, prompt: str | Sequence[pb.Message], **options: Any) -> pb.ChatResponse:
         """One chat call (options as for `build_chat_request`). Raises GatewayCallError."""
         try:
-            return self._stub.Chat(build_chat_request(model, prompt, **options), timeout=self._timeout_s,
-                                   metadata=self._metadata)
+            return cast(
+                pb.ChatResponse,
+                self._stub.Chat(
+                    build_chat_request(model, prompt, **options), timeout=self._timeout_s, metadata=self._metadata
+                ),
+            )
         except grpc.RpcError as error:
             raise GatewayCallError(error) from None
 
-    def chat_stream(self, model: str, prompt: str | Sequence[pb.Message], **options: Any) -> Iterator[pb.ChatStreamResponse]:
+    def chat_stream(
+        self, model: str, prompt: str | Sequence[pb.Message], **options: Any
+    ) -> Iterator[pb.ChatStreamResponse]:
         """Streams events; the last one of a successful stream is `final`. Raises GatewayCallError."""
         try:
-            yield from self._stub.ChatStream(build_chat_stream_request(model, prompt, **options),
-                                             timeout=self._timeout_s, metadata=self._metadata)
+            yield from self._stub.ChatStream(
+                build_chat_stream_request(model, prompt, **options), timeout=self._timeout_s, metadata=self._metadata
+            )
         except grpc.RpcError as error:
             raise GatewayCallError(error) from None
 
@@ -124,7 +139,7 @@ class GatewayClient:
         if dimensions is not None:
             request.dimensions = dimensions
         try:
-            return self._stub.Embed(request, timeout=self._timeout_s, metadata=self._metadata)
+            return cast(pb.EmbedResponse, self._stub.Embed(request, timeout=self._timeout_s, metadata=self._metadata))
         except grpc.RpcError as error:
             raise GatewayCallError(error) from None
 
@@ -136,7 +151,9 @@ class GatewayClient:
             while True:
                 page = self._stub.ListModels(
                     pb.ListModelsRequest(provider=provider, capability=capability, page_size=1000, page_token=token),  # type: ignore[arg-type]
-                    timeout=self._timeout_s, metadata=self._metadata)
+                    timeout=self._timeout_s,
+                    metadata=self._metadata,
+                )
                 models.extend(page.models)
                 token = page.next_page_token
                 if not token:
@@ -157,8 +174,9 @@ class AsyncGatewayClient:
     async def __aenter__(self) -> AsyncGatewayClient:
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.close()
 
     async def close(self) -> None:
@@ -168,16 +186,20 @@ class AsyncGatewayClient:
     async def chat(self, model: str, prompt: str | Sequence[pb.Message], **options: Any) -> pb.ChatResponse:
         """One chat call. Raises GatewayCallError."""
         try:
-            return await self._stub.Chat(build_chat_request(model, prompt, **options), timeout=self._timeout_s,
-                                         metadata=self._metadata)
+            reply = await self._stub.Chat(
+                build_chat_request(model, prompt, **options), timeout=self._timeout_s, metadata=self._metadata
+            )
+            return cast(pb.ChatResponse, reply)
         except grpc.RpcError as error:
             raise GatewayCallError(error) from None
 
-    async def chat_stream(self, model: str, prompt: str | Sequence[pb.Message],
-                          **options: Any) -> AsyncIterator[pb.ChatStreamResponse]:
+    async def chat_stream(
+        self, model: str, prompt: str | Sequence[pb.Message], **options: Any
+    ) -> AsyncIterator[pb.ChatStreamResponse]:
         """Streams events; the last one of a successful stream is `final`. Raises GatewayCallError."""
-        call = self._stub.ChatStream(build_chat_stream_request(model, prompt, **options), timeout=self._timeout_s,
-                                     metadata=self._metadata)
+        call = self._stub.ChatStream(
+            build_chat_stream_request(model, prompt, **options), timeout=self._timeout_s, metadata=self._metadata
+        )
         try:
             async for event in call:
                 yield event

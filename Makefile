@@ -1,0 +1,83 @@
+# LLM Gateway — developer commands. Every target that needs Python first runs `setup`, which
+# creates .venv and installs the server, the stub package and the dev tools (idempotent).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+BUF_VERSION := 1.75.0
+BUF := .tools/node_modules/.bin/buf
+PROTO := protos/llm_gateway/v1/llm_gateway.proto
+STUBS := clients/python/src
+
+MODEL ?= gpt-4o-mini
+PROVIDER ?=
+STREAM ?= false
+PROMPT ?= Say hello in five words.
+TARGET ?= 127.0.0.1:50051
+
+.PHONY: help setup run run-dev test lint format proto proto-check buf-lint clean test-chat demo demo-chat test-real-model
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml clients/python/pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ./clients/python -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP) ## create .venv and install everything (server, stubs, dev tools)
+
+run: setup ## serve the gateway on 127.0.0.1:50051 (providers from OPENAI_API_KEY/OPENAI_BASE_URL/OLLAMA_HOST)
+	$(BIN)/llm-gateway serve $(if $(CONFIG),--config $(CONFIG))
+
+run-dev: setup ## serve with debug logs (CONFIG=file.yaml optional)
+	LLM_GATEWAY_LOG_LEVEL=debug $(BIN)/llm-gateway serve $(if $(CONFIG),--config $(CONFIG))
+
+test: setup ## run the test suite (real aio server, loopback provider emulators)
+	$(BIN)/pytest -q
+
+lint: setup buf-lint proto-check ## ruff, ruff format --check, mypy, buf lint, stub drift check
+	$(BIN)/ruff check server clients/python/src/llm_gateway_client tests tools
+	$(BIN)/ruff format --check server clients/python/src/llm_gateway_client tests tools
+	$(BIN)/mypy
+
+format: setup ## apply ruff fixes and formatting
+	$(BIN)/ruff check --fix server clients/python/src/llm_gateway_client tests tools
+	$(BIN)/ruff format server clients/python/src/llm_gateway_client tests tools
+
+$(BUF):
+	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@$(BUF_VERSION)
+
+buf-lint: $(BUF) ## buf lint (STANDARD) on protos/
+	$(BUF) lint
+
+proto: setup ## regenerate the committed stubs from the proto
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=$(STUBS) --pyi_out=$(STUBS) --grpc_python_out=$(STUBS) $(PROTO)
+
+proto-check: setup ## fail when the committed stubs differ from what the proto generates
+	@tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && \
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=$$tmp --pyi_out=$$tmp --grpc_python_out=$$tmp $(PROTO) && \
+	for f in llm_gateway_pb2.py llm_gateway_pb2.pyi llm_gateway_pb2_grpc.py; do \
+	  cmp -s $$tmp/llm_gateway/v1/$$f $(STUBS)/llm_gateway/v1/$$f || { echo "stub drift: $$f (run 'make proto')"; exit 1; }; \
+	done && echo "stubs match the proto"
+
+test-chat: setup ## one chat through a running gateway: make test-chat MODEL=… PROVIDER=… STREAM=true|false PROMPT=…
+	$(BIN)/llm-gateway-client --target $(TARGET) chat --model '$(MODEL)' $(if $(PROVIDER),--provider '$(PROVIDER)') \
+	  $(if $(filter true,$(STREAM)),--stream) '$(PROMPT)'
+
+demo: setup ## real model offline: build/install llama.cpp + gemma3-270m, serve it, run the gateway in front (Ctrl-C stops)
+	bash scripts/demo.sh
+
+demo-chat: setup ## ask the demo model a question through the gateway, unary and streamed
+	$(BIN)/llm-gateway-client --target $(TARGET) chat --model gemma3 --max-tokens 64 'What is the capital of France? Answer in one sentence.'
+	$(BIN)/llm-gateway-client --target $(TARGET) chat --model gemma3 --max-tokens 64 --stream 'Name three colours.'
+
+test-real-model: setup ## end-to-end tests against a real llama.cpp server (needs `make demo` install first)
+	$(BIN)/pytest -q -m real_model tests/test_real_model.py
+
+clean: ## remove the virtualenv, caches and build output
+	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist .demo
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+	find . -name '*.egg-info' -type d -prune -exec rm -rf {} +
