@@ -77,7 +77,7 @@ class OpenAIEmulator:
             app.router.add_get(f"{prefix}/models/{{model}}", self._model)
         self._runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
         await site.start()
         server = site._server
         assert server is not None and server.sockets  # type: ignore[attr-defined]
