@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from ..domain import (
     Attempt,
@@ -36,6 +37,8 @@ from ..errors import GatewayError, capability_not_supported, deadline_exceeded
 from .accounting import cost_of, estimate_tokens, usage_or_estimate
 from .catalog import Catalog
 from .resolver import Deployment, Resolver
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,22 +125,28 @@ class Router:
         return remaining
 
     @staticmethod
-    def _failed(deployment: Deployment, started: float, error: GatewayError) -> Attempt:
-        return Attempt(
-            provider=deployment.provider.name,
-            model=deployment.provider_model,
-            outcome=AttemptOutcome.ERROR,
-            latency_ms=(time.perf_counter() - started) * 1000.0,
-            error_reason=error.reason,
-            upstream_status=int(error.metadata.get("upstream_status", "0") or 0),
-        )
-
-    @staticmethod
     def _deadline_error(ctx: CallContext, deployment: Deployment, budget_s: float, error: GatewayError) -> GatewayError:
         """An upstream timeout at (or after) the caller's deadline is the caller's deadline."""
         if error.metadata.get("failure") == "timeout" and asyncio.get_running_loop().time() >= ctx.deadline - 0.005:
             return deadline_exceeded(deployment.provider.name, deployment.provider_model, budget_s)
         return error
+
+    async def _bounded(self, ctx: CallContext, deployment: Deployment, budget: float, call: Awaitable[T]) -> T:
+        """Awaits an adapter call under the caller's deadline; errors gain provider/model metadata."""
+        try:
+            async with asyncio.timeout_at(ctx.deadline):
+                return await call
+        except TimeoutError:
+            raise deadline_exceeded(deployment.provider.name, deployment.provider_model, budget) from None
+        except GatewayError as error:
+            raise self._deadline_error(ctx, deployment, budget, error).with_metadata(
+                provider=deployment.provider.name, model=deployment.provider_model
+            ) from None
+
+    @staticmethod
+    def _succeeded(deployment: Deployment, started: float) -> Attempt:
+        elapsed_ms = (time.perf_counter() - started) * 1000.0
+        return Attempt(deployment.provider.name, deployment.provider_model, AttemptOutcome.SUCCESS, elapsed_ms)
 
     async def chat(self, request: ChatRequest, ctx: CallContext) -> ChatResponse:
         """Runs a unary chat.
@@ -150,18 +159,8 @@ class Router:
         warnings = provider.plan_chat(request)
         budget = self._remaining(ctx, deployment)
         started = time.perf_counter()
-        try:
-            async with asyncio.timeout_at(ctx.deadline):
-                result = await provider.chat(request, deployment.provider_model, budget)
-        except TimeoutError:
-            raise deadline_exceeded(provider.name, deployment.provider_model, budget) from None
-        except GatewayError as error:
-            raise self._deadline_error(ctx, deployment, budget, error).with_metadata(
-                provider=provider.name, model=deployment.provider_model
-            ) from None
-        attempt = Attempt(
-            provider.name, deployment.provider_model, AttemptOutcome.SUCCESS, (time.perf_counter() - started) * 1000.0
-        )
+        result = await self._bounded(ctx, deployment, budget, provider.chat(request, deployment.provider_model, budget))
+        attempt = self._succeeded(deployment, started)
         usage = usage_or_estimate(
             result.usage, request.messages, len(result.text) + sum(len(c.arguments) for c in result.tool_calls)
         )
@@ -239,9 +238,7 @@ class Router:
                     "chunks_sent": str(chunks_sent),
                 },
             )
-        attempt = Attempt(
-            provider.name, deployment.provider_model, AttemptOutcome.SUCCESS, (time.perf_counter() - started) * 1000.0
-        )
+        attempt = self._succeeded(deployment, started)
         usage = usage_or_estimate(end.usage, request.messages, output_chars)
         yield ChatStreamFinal(
             model=end.model,
@@ -270,18 +267,9 @@ class Router:
         provider = deployment.provider
         budget = self._remaining(ctx, deployment)
         started = time.perf_counter()
-        try:
-            async with asyncio.timeout_at(ctx.deadline):
-                result = await provider.embed(deployment.provider_model, request.inputs, request.dimensions, budget)
-        except TimeoutError:
-            raise deadline_exceeded(provider.name, deployment.provider_model, budget) from None
-        except GatewayError as error:
-            raise self._deadline_error(ctx, deployment, budget, error).with_metadata(
-                provider=provider.name, model=deployment.provider_model
-            ) from None
-        attempt = Attempt(
-            provider.name, deployment.provider_model, AttemptOutcome.SUCCESS, (time.perf_counter() - started) * 1000.0
-        )
+        call = provider.embed(deployment.provider_model, request.inputs, request.dimensions, budget)
+        result = await self._bounded(ctx, deployment, budget, call)
+        attempt = self._succeeded(deployment, started)
         usage = (
             result.usage
             if result.usage is not None and result.usage.input_tokens
