@@ -1,5 +1,6 @@
 """Settings: environment variables (prefix `LLM_GATEWAY_`), an optional YAML file, and the
-providers' standard variables (`OPENAI_API_KEY`, `OPENAI_BASE_URL`, `OLLAMA_HOST`).
+providers' standard variables (`OPENAI_API_KEY` + `OPENAI_BASE_URL`, `ANTHROPIC_API_KEY` +
+`ANTHROPIC_BASE_URL`, `GROQ_API_KEY` + `GROQ_BASE_URL`, `OLLAMA_HOST`).
 
 Precedence, highest first: explicit overrides (CLI flags) > `LLM_GATEWAY_*` environment > YAML file
 > defaults. Providers named in the YAML file replace the one of the same name derived from the
@@ -49,7 +50,7 @@ class ProviderSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    kind: Literal["openai", "ollama"]
+    kind: Literal["openai", "anthropic", "groq", "ollama"]
     base_url: str | None = None
     api_key: SecretStr | None = None
     api_key_env: str | None = None
@@ -162,6 +163,21 @@ def _env_providers(environ: Mapping[str, str]) -> list[ProviderSettings]:
                 kind="openai",
                 base_url=environ.get("OPENAI_BASE_URL") or None,
                 api_key_env="OPENAI_API_KEY",
+            )
+        )
+    if environ.get("ANTHROPIC_API_KEY"):
+        found.append(
+            ProviderSettings(
+                name="anthropic",
+                kind="anthropic",
+                base_url=environ.get("ANTHROPIC_BASE_URL") or None,
+                api_key_env="ANTHROPIC_API_KEY",
+            )
+        )
+    if environ.get("GROQ_API_KEY"):
+        found.append(
+            ProviderSettings(
+                name="groq", kind="groq", base_url=environ.get("GROQ_BASE_URL") or None, api_key_env="GROQ_API_KEY"
             )
         )
     if environ.get("OLLAMA_HOST"):

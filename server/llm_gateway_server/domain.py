@@ -389,6 +389,25 @@ class EmbedResponse:
     cache: CacheStatus = field(default_factory=CacheStatus)
 
 
+class TokenCountMethod(enum.StrEnum):
+    """How a token count was obtained."""
+
+    PROVIDER = "provider"
+    TOKENIZER = "tokenizer"
+    ESTIMATE = "estimate"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenCount:
+    """Input tokens of a request (tokens); `tokenizer` names the encoding for TOKENIZER counts."""
+
+    input_tokens: int
+    method: TokenCountMethod
+    tokenizer: str = ""
+    model: str = ""
+    provider: str = ""
+
+
 # --- models ----------------------------------------------------------------------------------
 
 

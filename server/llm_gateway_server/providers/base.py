@@ -16,8 +16,10 @@ from ..domain import (
     ProviderChatResult,
     ProviderEmbedResult,
     ProviderStreamEvent,
+    TokenCount,
     Warning,
 )
+from . import tokens
 
 
 class Provider(abc.ABC):
@@ -27,11 +29,16 @@ class Provider(abc.ABC):
         name: configured provider name, unique in the registry.
         kind: adapter kind, e.g. "openai" or "ollama".
         passthrough: whether models absent from the catalog may be routed here by id.
+        requires_max_output_tokens: the API needs an output limit on every call (the router fills
+            in the catalog's, see `Router`).
+        supports_embeddings: the provider has an embeddings API.
     """
 
     name: str
     kind: str
     passthrough: bool
+    requires_max_output_tokens: bool = False
+    supports_embeddings: bool = True
 
     @abc.abstractmethod
     def plan_chat(self, request: ChatRequest) -> tuple[Warning, ...]:
@@ -63,6 +70,12 @@ class Provider(abc.ABC):
         self, model: str, inputs: tuple[str, ...], dimensions: int | None, timeout_s: float
     ) -> ProviderEmbedResult:
         """Embeds `inputs` (one vector per input, in order), batching to the provider's limit."""
+
+    async def count_tokens(self, request: ChatRequest, model: str, timeout_s: float) -> TokenCount:
+        """Input tokens of `request` on `model`: the OpenAI tokenizer for OpenAI-family model ids,
+        otherwise the documented estimate. Adapters with a counting endpoint override this."""
+        del timeout_s
+        return tokens.count_with_tokenizer(request, model, self.name) or tokens.estimate(request, model, self.name)
 
     @abc.abstractmethod
     async def list_models(self, timeout_s: float) -> tuple[str, ...]:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from types import ModuleType
+from typing import Any, ClassVar, TypeVar
 
+import httpx
 import httpx2
 import openai
 
@@ -46,6 +48,8 @@ class OpenAIProvider(Provider):
     """
 
     kind = "openai"
+    # The SDK module whose exception classes `_map` checks (the groq SDK mirrors openai's).
+    _sdk: ClassVar[ModuleType] = openai
 
     def __init__(
         self,
@@ -58,7 +62,10 @@ class OpenAIProvider(Provider):
     ) -> None:
         self.name = name
         self.passthrough = passthrough
-        self._client = openai.AsyncOpenAI(
+        self._client = self._make_client(api_key, base_url, max_connections)
+
+    def _make_client(self, api_key: str, base_url: str | None, max_connections: int) -> Any:
+        return openai.AsyncOpenAI(
             api_key=api_key,
             base_url=base_url,
             max_retries=0,
@@ -67,13 +74,22 @@ class OpenAIProvider(Provider):
             ),
         )
 
+    def _chat_params(
+        self, request: ChatRequest, model: str, *, stream: bool
+    ) -> tuple[dict[str, Any], tuple[Warning, ...]]:
+        return openai_mapping.chat_params(request, model, stream=stream)
+
+    def _chunk_usage(self, chunk: Any) -> Usage | None:
+        """Usage carried by a stream chunk (the `include_usage` chunk), or None."""
+        return openai_mapping.usage_from_wire(chunk.usage) if chunk.usage is not None else None
+
     def plan_chat(self, request: ChatRequest) -> tuple[Warning, ...]:
         """Warnings for the options this API drops (see `openai_mapping.chat_params`)."""
-        return openai_mapping.chat_params(request, "", stream=False)[1]
+        return self._chat_params(request, "", stream=False)[1]
 
     async def chat(self, request: ChatRequest, model: str, timeout_s: float) -> ProviderChatResult:
         """Non-streamed chat; see `Provider.chat`."""
-        params, _ = openai_mapping.chat_params(request, model, stream=False)
+        params, _ = self._chat_params(request, model, stream=False)
         completion = await self._call(
             model, timeout_s, lambda: self._client.chat.completions.create(**params, timeout=timeout_s)
         )
@@ -95,7 +111,7 @@ class OpenAIProvider(Provider):
         self, request: ChatRequest, model: str, timeout_s: float
     ) -> AsyncIterator[ProviderStreamEvent]:
         """Streamed chat over SSE; see `Provider.chat_stream`."""
-        params, _ = openai_mapping.chat_params(request, model, stream=True)
+        params, _ = self._chat_params(request, model, stream=True)
         stream = await self._call(
             model, timeout_s, lambda: self._client.chat.completions.create(**params, timeout=timeout_s)
         )
@@ -107,8 +123,7 @@ class OpenAIProvider(Provider):
             async for chunk in stream:
                 response_id = chunk.id or response_id
                 answered_model = chunk.model or answered_model
-                if chunk.usage is not None:
-                    usage = openai_mapping.usage_from_wire(chunk.usage)
+                usage = self._chunk_usage(chunk) or usage
                 for choice in chunk.choices[:1]:
                     delta = openai_mapping.delta_from_chunk(choice)
                     if delta is not None:
@@ -175,7 +190,8 @@ class OpenAIProvider(Provider):
         """The OpenAI error table: SDK exception → GatewayError (rows in `providers.errors`)."""
         if isinstance(exc, GatewayError):
             return exc
-        if isinstance(exc, openai.APIStatusError):
+        sdk = self._sdk
+        if isinstance(exc, sdk.APIStatusError):
             message, code = openai_mapping.error_fields(exc.body)
             return errors.from_http_status(
                 self.name,
@@ -185,16 +201,16 @@ class OpenAIProvider(Provider):
                 upstream_code=code,
                 retry_after_s=errors.parse_retry_after(dict(exc.response.headers)),
             )
-        if isinstance(exc, openai.APITimeoutError):
+        if isinstance(exc, sdk.APITimeoutError):
             return errors.upstream_timeout(self.name, model, timeout_s)
-        if isinstance(exc, openai.APIConnectionError):
+        if isinstance(exc, sdk.APIConnectionError):
             return errors.connection_failed(self.name, model, str(exc.__cause__ or exc))
-        if isinstance(exc, openai.APIResponseValidationError):
+        if isinstance(exc, sdk.APIResponseValidationError):
             return errors.bad_response(self.name, model, exc.message)
-        if isinstance(exc, openai.APIError):  # an error object inside an SSE stream
+        if isinstance(exc, sdk.APIError):  # an error object inside an SSE stream
             message, code = openai_mapping.error_fields(exc.body)
             return errors.from_http_status(self.name, model, -1, message or exc.message, upstream_code=code)
-        if isinstance(exc, httpx2.TransportError):
+        if isinstance(exc, (httpx2.TransportError, httpx.TransportError)):
             return errors.connection_failed(self.name, model, repr(exc))
         if isinstance(exc, (json.JSONDecodeError, ValueError, TypeError, KeyError, AttributeError)):
             return errors.bad_response(self.name, model, f"{type(exc).__name__}: {exc}")

@@ -8,15 +8,17 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from ..config import NO_KEY_PLACEHOLDER, ConfigError, ProviderSettings
+from .anthropic_adapter import AnthropicProvider
 from .base import Provider
+from .groq_adapter import GroqProvider
 from .ollama_adapter import OllamaProvider
 from .openai_adapter import OpenAIProvider
 
 # How to configure each known provider when it is missing (shown in PROVIDER_NOT_CONFIGURED errors).
 CONFIGURE_HINTS: Mapping[str, str] = {
     "openai": "set OPENAI_API_KEY (and OPENAI_BASE_URL for an OpenAI-compatible server)",
-    "anthropic": "the Anthropic adapter is not available in this version",
-    "groq": "the Groq adapter is not available in this version",
+    "anthropic": "set ANTHROPIC_API_KEY",
+    "groq": "set GROQ_API_KEY",
     "ollama": "set OLLAMA_HOST, e.g. http://127.0.0.1:11434",
 }
 
@@ -39,6 +41,33 @@ def _openai(settings: ProviderSettings, environ: Mapping[str, str]) -> Provider:
     )
 
 
+def _keyed(settings: ProviderSettings, environ: Mapping[str, str]) -> str:
+    key = settings.resolved_api_key(environ)
+    if key is None:
+        raise ConfigError(f"provider {settings.name!r}: no API key (set {settings.api_key_env or 'api_key'})")
+    return key
+
+
+def _anthropic(settings: ProviderSettings, environ: Mapping[str, str]) -> Provider:
+    return AnthropicProvider(
+        settings.name,
+        api_key=_keyed(settings, environ),
+        base_url=settings.base_url,
+        passthrough=settings.resolved_passthrough(),
+        max_connections=settings.max_connections,
+    )
+
+
+def _groq(settings: ProviderSettings, environ: Mapping[str, str]) -> Provider:
+    return GroqProvider(
+        settings.name,
+        api_key=_keyed(settings, environ),
+        base_url=settings.base_url,
+        passthrough=settings.resolved_passthrough(),
+        max_connections=settings.max_connections,
+    )
+
+
 def _ollama(settings: ProviderSettings, environ: Mapping[str, str]) -> Provider:
     del environ
     return OllamaProvider(
@@ -51,6 +80,8 @@ def _ollama(settings: ProviderSettings, environ: Mapping[str, str]) -> Provider:
 
 _FACTORIES: Mapping[str, Callable[[ProviderSettings, Mapping[str, str]], Provider]] = {
     "openai": _openai,
+    "anthropic": _anthropic,
+    "groq": _groq,
     "ollama": _ollama,
 }
 

@@ -1,9 +1,8 @@
 """Usage estimates and cost from catalog prices.
 
 When a provider reports no token counts (some OpenAI-compatible servers do not send usage in
-streams), counts are estimated at 4 characters per token plus 4 tokens of framing per message —
-OpenAI's published rule of thumb ("one token ≈ 4 characters of English", help.openai.com, "What
-are tokens") — and marked `estimated`.
+streams), counts are estimated with `providers.tokens` (4 characters per token plus framing) and
+marked `estimated`.
 """
 
 from __future__ import annotations
@@ -11,19 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from ..domain import Cost, Message, Pricing, Usage
-
-CHARS_PER_TOKEN = 4
-TOKENS_PER_MESSAGE = 4
-
-
-def estimate_tokens(text_length: int) -> int:
-    """Estimated tokens for `text_length` characters (at least 1 for non-empty text)."""
-    return (text_length + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN
-
-
-def estimate_input_tokens(messages: Iterable[Message]) -> int:
-    """Estimated input tokens of a conversation (text only; images not counted)."""
-    return sum(estimate_tokens(len(m.text)) + TOKENS_PER_MESSAGE for m in messages)
+from ..providers.tokens import estimate_input_tokens, estimate_tokens
 
 
 def usage_or_estimate(reported: Usage | None, messages: Iterable[Message], output_chars: int) -> Usage:

@@ -7,6 +7,7 @@ Transport-neutral: the servicer calls it with domain objects and a `CallContext`
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
@@ -29,12 +30,14 @@ from ..domain import (
     ProviderStreamEnd,
     Role,
     TextPart,
+    TokenCount,
     ToolCall,
     ToolCallDelta,
     Usage,
 )
 from ..errors import GatewayError, capability_not_supported, deadline_exceeded
-from .accounting import cost_of, estimate_tokens, usage_or_estimate
+from ..providers.tokens import estimate_tokens
+from .accounting import cost_of, usage_or_estimate
 from .catalog import Catalog
 from .resolver import Deployment, Resolver
 
@@ -108,6 +111,16 @@ class Router:
         others = [m for m in self._catalog.with_capability(capability) if m not in configured]
         return (*configured, *others)
 
+    @staticmethod
+    def _with_output_limit(request: ChatRequest, deployment: Deployment) -> ChatRequest:
+        """Fills `max_output_tokens` from the catalog for providers that require one."""
+        if not deployment.provider.requires_max_output_tokens or request.generation.max_output_tokens is not None:
+            return request
+        limit = deployment.info.max_output_tokens if deployment.info and deployment.info.max_output_tokens else None
+        if limit is None:
+            return request
+        return dataclasses.replace(request, generation=dataclasses.replace(request.generation, max_output_tokens=limit))
+
     def _chat_deployment(self, request: ChatRequest) -> Deployment:
         deployment = self._resolver.resolve(request.model, request.routing.provider)
         info = deployment.info
@@ -155,6 +168,7 @@ class Router:
             GatewayError: resolution, capability, provider and deadline failures.
         """
         deployment = self._chat_deployment(request)
+        request = self._with_output_limit(request, deployment)
         provider = deployment.provider
         warnings = provider.plan_chat(request)
         budget = self._remaining(ctx, deployment)
@@ -191,6 +205,7 @@ class Router:
         metadata; a stream never ends quietly without its final event.
         """
         deployment = self._chat_deployment(request)
+        request = self._with_output_limit(request, deployment)
         provider = deployment.provider
         warnings = provider.plan_chat(request)
         budget = self._remaining(ctx, deployment)
@@ -262,7 +277,8 @@ class Router:
         """
         deployment = self._resolver.resolve(request.model, request.routing.provider)
         info = deployment.info
-        if info is not None and Capability.EMBEDDINGS not in info.capabilities:
+        cannot_embed = not deployment.provider.supports_embeddings
+        if cannot_embed or (info is not None and Capability.EMBEDDINGS not in info.capabilities):
             raise capability_not_supported(request.model, "embeddings", self._alternatives(Capability.EMBEDDINGS))
         provider = deployment.provider
         budget = self._remaining(ctx, deployment)
@@ -284,3 +300,15 @@ class Router:
             cost=cost_of(usage, info.pricing if info else None),
             attempts=(attempt,),
         )
+
+    async def count_tokens(self, request: ChatRequest, ctx: CallContext) -> TokenCount:
+        """Counts the input tokens of `request` on its model (provider count, tokenizer, or
+        estimate; see `Provider.count_tokens`).
+
+        Raises:
+            GatewayError: resolution, provider and deadline failures.
+        """
+        deployment = self._resolver.resolve(request.model, request.routing.provider)
+        budget = self._remaining(ctx, deployment)
+        call = deployment.provider.count_tokens(request, deployment.provider_model, budget)
+        return await self._bounded(ctx, deployment, budget, call)

@@ -181,6 +181,42 @@ def chat_request_in(request: pb.ChatRequest | pb.ChatStreamRequest) -> d.ChatReq
     )
 
 
+def count_tokens_request_in(request: pb.CountTokensRequest) -> d.ChatRequest:
+    """Proto CountTokensRequest → the domain ChatRequest whose input is counted."""
+    return d.ChatRequest(
+        model=request.model,
+        messages=tuple(message_in(m) for m in request.messages),
+        tools=tuple(
+            d.Tool(
+                name=t.name,
+                description=t.description,
+                parameters=_struct(t.parameters) if t.HasField("parameters") else None,
+            )
+            for t in request.tools
+        ),
+        routing=_routing(request.routing),
+    )
+
+
+_TOKEN_METHODS = {
+    d.TokenCountMethod.PROVIDER: pb.TOKEN_COUNT_METHOD_PROVIDER,
+    d.TokenCountMethod.TOKENIZER: pb.TOKEN_COUNT_METHOD_TOKENIZER,
+    d.TokenCountMethod.ESTIMATE: pb.TOKEN_COUNT_METHOD_ESTIMATE,
+}
+
+
+def count_tokens_out(count: d.TokenCount) -> pb.CountTokensResponse:
+    """Domain TokenCount → proto CountTokensResponse."""
+    return pb.CountTokensResponse(
+        input_tokens=count.input_tokens,
+        estimated=count.method is d.TokenCountMethod.ESTIMATE,
+        method=_TOKEN_METHODS[count.method],
+        tokenizer=count.tokenizer,
+        model=count.model,
+        provider=count.provider,
+    )
+
+
 def embed_request_in(request: pb.EmbedRequest) -> d.EmbedRequest:
     """Proto EmbedRequest → domain EmbedRequest."""
     return d.EmbedRequest(

@@ -165,3 +165,12 @@ class LLMGatewayServicer(pb_grpc.LLMGatewayServiceServicer):  # type: ignore[mis
     ) -> pb.GetModelResponse:
         """One model by name."""
         return pb.GetModelResponse(model=convert.model_out(await self.models.get(request.name)))
+
+    @_rpc
+    async def CountTokens(
+        self, request: pb.CountTokensRequest, context: grpc.aio.ServicerContext, ctx: CallContext
+    ) -> pb.CountTokensResponse:
+        """Input-token count of a chat request."""
+        validation.check_count_tokens(request)
+        count = await self.router.count_tokens(convert.count_tokens_request_in(request), ctx)
+        return convert.count_tokens_out(count)

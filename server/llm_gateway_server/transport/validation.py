@@ -189,3 +189,25 @@ def check_embed(request: pb.EmbedRequest) -> None:
         v.append(FieldViolation("dimensions", "must be in [1, 16384]"))
     if v:
         raise invalid_request(v)
+
+
+def check_count_tokens(request: pb.CountTokensRequest) -> None:
+    """Validates a CountTokens request (model, messages and tools as for Chat).
+
+    Raises:
+        GatewayError: INVALID_ARGUMENT / INVALID_REQUEST with every violation.
+    """
+    v: list[FieldViolation] = []
+    _common(v, request.model, "", {}, pb.CacheOptions())
+    if not request.messages:
+        v.append(FieldViolation("messages", "at least one message is required"))
+    elif len(request.messages) > MAX_MESSAGES:
+        v.append(FieldViolation("messages", f"at most {MAX_MESSAGES}"))
+    else:
+        for i, message in enumerate(request.messages):
+            _message(v, i, message)
+    for i, tool in enumerate(request.tools):
+        if not _NAME.match(tool.name):
+            v.append(FieldViolation(f"tools[{i}].name", "1-64 chars of [A-Za-z0-9_-]"))
+    if v:
+        raise invalid_request(v)

@@ -93,6 +93,13 @@ class ModelSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODEL_SOURCE_CATALOG: _ClassVar[ModelSource]
     MODEL_SOURCE_CONFIG: _ClassVar[ModelSource]
     MODEL_SOURCE_PROVIDER: _ClassVar[ModelSource]
+
+class TokenCountMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TOKEN_COUNT_METHOD_UNSPECIFIED: _ClassVar[TokenCountMethod]
+    TOKEN_COUNT_METHOD_PROVIDER: _ClassVar[TokenCountMethod]
+    TOKEN_COUNT_METHOD_TOKENIZER: _ClassVar[TokenCountMethod]
+    TOKEN_COUNT_METHOD_ESTIMATE: _ClassVar[TokenCountMethod]
 ROLE_UNSPECIFIED: Role
 ROLE_SYSTEM: Role
 ROLE_USER: Role
@@ -146,6 +153,10 @@ MODEL_SOURCE_UNSPECIFIED: ModelSource
 MODEL_SOURCE_CATALOG: ModelSource
 MODEL_SOURCE_CONFIG: ModelSource
 MODEL_SOURCE_PROVIDER: ModelSource
+TOKEN_COUNT_METHOD_UNSPECIFIED: TokenCountMethod
+TOKEN_COUNT_METHOD_PROVIDER: TokenCountMethod
+TOKEN_COUNT_METHOD_TOKENIZER: TokenCountMethod
+TOKEN_COUNT_METHOD_ESTIMATE: TokenCountMethod
 
 class Message(_message.Message):
     __slots__ = ("role", "content", "tool_calls", "tool_call_id", "name")
@@ -609,3 +620,31 @@ class GetModelResponse(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     model: Model
     def __init__(self, model: _Optional[_Union[Model, _Mapping]] = ...) -> None: ...
+
+class CountTokensRequest(_message.Message):
+    __slots__ = ("model", "messages", "tools", "routing")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    messages: _containers.RepeatedCompositeFieldContainer[Message]
+    tools: _containers.RepeatedCompositeFieldContainer[Tool]
+    routing: RoutingOptions
+    def __init__(self, model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., routing: _Optional[_Union[RoutingOptions, _Mapping]] = ...) -> None: ...
+
+class CountTokensResponse(_message.Message):
+    __slots__ = ("input_tokens", "estimated", "method", "tokenizer", "model", "provider")
+    INPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ESTIMATED_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    input_tokens: int
+    estimated: bool
+    method: TokenCountMethod
+    tokenizer: str
+    model: str
+    provider: str
+    def __init__(self, input_tokens: _Optional[int] = ..., estimated: _Optional[bool] = ..., method: _Optional[_Union[TokenCountMethod, str]] = ..., tokenizer: _Optional[str] = ..., model: _Optional[str] = ..., provider: _Optional[str] = ...) -> None: ...

@@ -60,6 +60,11 @@ class LLMGatewayServiceStub:
                 request_serializer=llm__gateway_dot_v1_dot_llm__gateway__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=llm__gateway_dot_v1_dot_llm__gateway__pb2.GetModelResponse.FromString,
                 _registered_method=True)
+        self.CountTokens = channel.unary_unary(
+                '/llm_gateway.v1.LLMGatewayService/CountTokens',
+                request_serializer=llm__gateway_dot_v1_dot_llm__gateway__pb2.CountTokensRequest.SerializeToString,
+                response_deserializer=llm__gateway_dot_v1_dot_llm__gateway__pb2.CountTokensResponse.FromString,
+                _registered_method=True)
 
 
 class LLMGatewayServiceServicer:
@@ -103,6 +108,15 @@ class LLMGatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CountTokens(self, request, context):
+        """Counts the input tokens a chat request would use on its model: the
+        provider's own count where it offers one (Anthropic), an offline tokenizer
+        for OpenAI-family models, otherwise an estimate marked as such.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LLMGatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +144,11 @@ def add_LLMGatewayServiceServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=llm__gateway_dot_v1_dot_llm__gateway__pb2.GetModelRequest.FromString,
                     response_serializer=llm__gateway_dot_v1_dot_llm__gateway__pb2.GetModelResponse.SerializeToString,
+            ),
+            'CountTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.CountTokens,
+                    request_deserializer=llm__gateway_dot_v1_dot_llm__gateway__pb2.CountTokensRequest.FromString,
+                    response_serializer=llm__gateway_dot_v1_dot_llm__gateway__pb2.CountTokensResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -268,6 +287,33 @@ class LLMGatewayService:
             '/llm_gateway.v1.LLMGatewayService/GetModel',
             llm__gateway_dot_v1_dot_llm__gateway__pb2.GetModelRequest.SerializeToString,
             llm__gateway_dot_v1_dot_llm__gateway__pb2.GetModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CountTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llm_gateway.v1.LLMGatewayService/CountTokens',
+            llm__gateway_dot_v1_dot_llm__gateway__pb2.CountTokensRequest.SerializeToString,
+            llm__gateway_dot_v1_dot_llm__gateway__pb2.CountTokensResponse.FromString,
             options,
             channel_credentials,
             insecure,

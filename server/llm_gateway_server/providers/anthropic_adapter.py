@@ -1,0 +1,217 @@
+"""Anthropic on the official `anthropic` SDK (2.x: API version 2026-10-21, httpx2 transport).
+
+One `AsyncAnthropic` client per configured provider, reused, `max_retries=0`. Each call passes
+`timeout=` from the caller's remaining deadline (which also skips the SDK's client-side refusal of
+large non-streamed `max_tokens`); cancelling the awaiting task closes the upstream request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import anthropic
+import httpx2
+
+from ..domain import (
+    ChatDelta,
+    ChatRequest,
+    ProviderChatResult,
+    ProviderEmbedResult,
+    ProviderStreamEnd,
+    ProviderStreamEvent,
+    TokenCount,
+    TokenCountMethod,
+    ToolCallDelta,
+    Warning,
+)
+from ..errors import GatewayError
+from . import anthropic_mapping, errors
+from .base import Provider
+
+MODELS_PAGE_SIZE = 100
+
+
+class AnthropicProvider(Provider):
+    """Adapter for the Anthropic Messages API.
+
+    Args:
+        name: provider name in the registry, usually "anthropic".
+        api_key: the provider key (`ANTHROPIC_API_KEY`).
+        base_url: API root without `/v1` (None: the SDK default, api.anthropic.com).
+        passthrough: route models absent from the catalog to this provider.
+        max_connections: HTTP connection pool size.
+    """
+
+    kind = "anthropic"
+    requires_max_output_tokens = True
+    supports_embeddings = False
+
+    def __init__(
+        self, name: str, *, api_key: str, base_url: str | None, passthrough: bool, max_connections: int = 200
+    ) -> None:
+        self.name = name
+        self.passthrough = passthrough
+        self._client = anthropic.AsyncAnthropic(
+            api_key=api_key,
+            base_url=base_url,
+            max_retries=0,
+            http_client=anthropic.DefaultAsyncHttpxClient(
+                limits=httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+            ),
+        )
+
+    def plan_chat(self, request: ChatRequest) -> tuple[Warning, ...]:
+        """Warnings for the options Anthropic's API does not have (dropped)."""
+        return anthropic_mapping.chat_params(request, "")[1]
+
+    async def chat(self, request: ChatRequest, model: str, timeout_s: float) -> ProviderChatResult:
+        """Non-streamed chat; see `Provider.chat`."""
+        params, _ = anthropic_mapping.chat_params(request, model)
+        message = await self._call(model, timeout_s, lambda: self._client.messages.create(**params, timeout=timeout_s))
+        text, calls = anthropic_mapping.content_from_wire(message.content)
+        return ProviderChatResult(
+            model=message.model or model,
+            text=text,
+            tool_calls=calls,
+            finish_reason=anthropic_mapping.finish_reason(message.stop_reason),
+            provider_finish_reason=message.stop_reason or "",
+            usage=anthropic_mapping.usage_from_wire(message.usage),
+            response_id=message.id or "",
+        )
+
+    async def chat_stream(
+        self, request: ChatRequest, model: str, timeout_s: float
+    ) -> AsyncIterator[ProviderStreamEvent]:
+        """Streamed chat from the SSE event sequence (message_start, content_block_*, message_delta,
+        message_stop); see `Provider.chat_stream`."""
+        params, _ = anthropic_mapping.chat_params(request, model)
+        stream = await self._call(
+            model, timeout_s, lambda: self._client.messages.create(**params, stream=True, timeout=timeout_s)
+        )
+        start_usage: Any = None
+        answered_model, response_id = model, ""
+        stop_reason: str | None = None
+        output_tokens: int | None = None
+        call_index_by_block: dict[int, int] = {}
+        try:
+            async for event in stream:
+                kind = event.type
+                if kind == "message_start":
+                    start_usage = event.message.usage
+                    answered_model = event.message.model or model
+                    response_id = event.message.id or ""
+                elif kind == "content_block_start" and event.content_block.type == "tool_use":
+                    ordinal = call_index_by_block.setdefault(event.index, len(call_index_by_block))
+                    block = event.content_block
+                    yield ChatDelta(tool_calls=(ToolCallDelta(index=ordinal, id=block.id, name=block.name),))
+                elif kind == "content_block_delta":
+                    delta = event.delta
+                    if delta.type == "text_delta" and delta.text:
+                        yield ChatDelta(text=delta.text)
+                    elif delta.type == "input_json_delta" and delta.partial_json:
+                        ordinal = call_index_by_block.setdefault(event.index, len(call_index_by_block))
+                        yield ChatDelta(tool_calls=(ToolCallDelta(index=ordinal, arguments=delta.partial_json),))
+                elif kind == "message_delta":
+                    stop_reason = event.delta.stop_reason or stop_reason
+                    output_tokens = int(event.usage.output_tokens or 0)
+                elif kind == "message_stop":
+                    if stop_reason is None:
+                        raise errors.bad_response(self.name, model, "message_stop without a stop_reason")
+                    usage = anthropic_mapping.usage_from_wire(start_usage, output_tokens) if start_usage else None
+                    yield ProviderStreamEnd(
+                        model=answered_model,
+                        finish_reason=anthropic_mapping.finish_reason(stop_reason),
+                        provider_finish_reason=stop_reason,
+                        usage=usage,
+                        response_id=response_id,
+                    )
+                    return
+        except GatewayError:
+            raise
+        except Exception as exc:
+            raise self._map(exc, model, timeout_s) from exc
+        finally:
+            await stream.close()
+        raise errors.bad_response(self.name, model, "the stream ended before message_stop")
+
+    async def embed(
+        self, model: str, inputs: tuple[str, ...], dimensions: int | None, timeout_s: float
+    ) -> ProviderEmbedResult:
+        """Anthropic has no embeddings API; the router refuses before calling (see
+        `supports_embeddings`). Raises GatewayError CAPABILITY_NOT_SUPPORTED if called anyway."""
+        raise GatewayError(
+            "INVALID_ARGUMENT",
+            "CAPABILITY_NOT_SUPPORTED",
+            f"provider {self.name!r} (Anthropic) has no embeddings API",
+            metadata={"provider": self.name, "model": model, "capability": "embeddings"},
+        )
+
+    async def count_tokens(self, request: ChatRequest, model: str, timeout_s: float) -> TokenCount:
+        """Exact count from `POST /v1/messages/count_tokens`."""
+        params, _ = anthropic_mapping.chat_params(request, model)
+        keep = {k: params[k] for k in ("model", "messages", "system", "tools", "tool_choice") if k in params}
+        result = await self._call(
+            model, timeout_s, lambda: self._client.messages.count_tokens(**keep, timeout=timeout_s)
+        )
+        return TokenCount(int(result.input_tokens), TokenCountMethod.PROVIDER, model=model, provider=self.name)
+
+    async def list_models(self, timeout_s: float) -> tuple[str, ...]:
+        """Model ids from `GET /v1/models`, following `has_more` pages."""
+
+        async def collect() -> tuple[str, ...]:
+            return tuple([m.id async for m in self._client.models.list(limit=MODELS_PAGE_SIZE, timeout=timeout_s)])
+
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await collect()
+        except TimeoutError as exc:
+            raise errors.upstream_timeout(self.name, "", timeout_s) from exc
+        except Exception as exc:
+            raise self._map(exc, "", timeout_s) from exc
+
+    async def aclose(self) -> None:
+        """Closes the client's connection pool."""
+        await self._client.close()
+
+    async def _call(self, model: str, timeout_s: float, make: Callable[[], Any]) -> Any:
+        try:
+            return await make()
+        except Exception as exc:
+            raise self._map(exc, model, timeout_s) from exc
+
+    def _map(self, exc: Exception, model: str, timeout_s: float) -> GatewayError:
+        """The Anthropic error table: SDK exception → GatewayError (rows in `providers.errors`;
+        529 overloaded_error is a 5xx row: UNAVAILABLE)."""
+        if isinstance(exc, GatewayError):
+            return exc
+        if isinstance(exc, anthropic.APIStatusError) and exc.status_code < 400:
+            # an `event: error` inside a 200 stream arrives as APIStatusError with status 200
+            message, code = anthropic_mapping.error_fields(exc.body)
+            return errors.from_http_status(self.name, model, -1, message or exc.message, upstream_code=code)
+        if isinstance(exc, anthropic.APIStatusError):
+            message, code = anthropic_mapping.error_fields(exc.body)
+            return errors.from_http_status(
+                self.name,
+                model,
+                exc.status_code,
+                message or exc.message,
+                upstream_code=code,
+                retry_after_s=errors.parse_retry_after(dict(exc.response.headers)),
+            )
+        if isinstance(exc, anthropic.APITimeoutError):
+            return errors.upstream_timeout(self.name, model, timeout_s)
+        if isinstance(exc, anthropic.APIConnectionError):
+            return errors.connection_failed(self.name, model, str(exc.__cause__ or exc))
+        if isinstance(exc, anthropic.APIResponseValidationError):
+            return errors.bad_response(self.name, model, exc.message)
+        if isinstance(exc, anthropic.APIError):  # an `event: error` inside the stream
+            message, code = anthropic_mapping.error_fields(exc.body)
+            return errors.from_http_status(self.name, model, -1, message or exc.message, upstream_code=code)
+        if isinstance(exc, httpx2.TransportError):
+            return errors.connection_failed(self.name, model, repr(exc))
+        if isinstance(exc, (json.JSONDecodeError, ValueError, TypeError, KeyError, AttributeError)):
+            return errors.bad_response(self.name, model, f"{type(exc).__name__}: {exc}")
+        return errors.bad_response(self.name, model, f"unexpected {type(exc).__name__}")

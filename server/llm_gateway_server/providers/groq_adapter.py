@@ -1,0 +1,71 @@
+"""Groq on the official `groq` SDK: the OpenAI Chat Completions protocol with Groq's differences
+(shared/reference/provider-wire-formats.md §2):
+
+* base URL without the API prefix (the SDK adds `/openai/v1/...`; `GROQ_BASE_URL` overrides it);
+* no `stream_options` parameter: stream usage comes in the final chunk's `x_groq.usage`;
+* `messages[].name` is rejected with 400, so names are dropped with a warning;
+* no embeddings API (the router refuses Embed with CAPABILITY_NOT_SUPPORTED first);
+* error bodies are stored whole in `e.body` (`{"error": {...}}`), handled by `error_fields`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import groq
+import httpx
+
+from ..domain import ChatRequest, ProviderEmbedResult, Usage, Warning
+from ..errors import GatewayError
+from . import openai_mapping
+from .openai_adapter import OpenAIProvider
+
+
+class GroqProvider(OpenAIProvider):
+    """Adapter for Groq's API (see module docstring); arguments as for `OpenAIProvider`, with
+    `base_url` the API root without `/openai/v1` (None: the SDK default, api.groq.com)."""
+
+    kind = "groq"
+    supports_embeddings = False
+    _sdk: ClassVar[Any] = groq
+
+    def _make_client(self, api_key: str, base_url: str | None, max_connections: int) -> Any:
+        return groq.AsyncGroq(
+            api_key=api_key,
+            base_url=base_url,
+            max_retries=0,
+            http_client=groq.DefaultAsyncHttpxClient(
+                limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+            ),
+        )
+
+    def _chat_params(
+        self, request: ChatRequest, model: str, *, stream: bool
+    ) -> tuple[dict[str, Any], tuple[Warning, ...]]:
+        warnings: list[Warning] = []
+        if any(m.name for m in request.messages):
+            warnings.append(Warning("OPTION_DROPPED", "messages[].name", "Groq rejects message names"))
+            request = dataclasses.replace(
+                request, messages=tuple(dataclasses.replace(m, name="") for m in request.messages)
+            )
+        params, more = openai_mapping.chat_params(request, model, stream=stream)
+        params.pop("stream_options", None)
+        return params, (*warnings, *more)
+
+    def _chunk_usage(self, chunk: Any) -> Usage | None:
+        """`x_groq.usage` of the final chunk (or a top-level `usage`, should Groq send one)."""
+        x_groq = getattr(chunk, "x_groq", None)
+        usage = getattr(x_groq, "usage", None) or chunk.usage
+        return openai_mapping.usage_from_wire(usage) if usage is not None else None
+
+    async def embed(
+        self, model: str, inputs: tuple[str, ...], dimensions: int | None, timeout_s: float
+    ) -> ProviderEmbedResult:
+        """Groq has no embeddings API; the router refuses before calling. Raises GatewayError."""
+        raise GatewayError(
+            "INVALID_ARGUMENT",
+            "CAPABILITY_NOT_SUPPORTED",
+            f"provider {self.name!r} (Groq) has no embeddings API",
+            metadata={"provider": self.name, "model": model, "capability": "embeddings"},
+        )

@@ -1,0 +1,100 @@
+"""Token counting without a provider round trip.
+
+* OpenAI-family models: the model's BPE encoding from `bpe-openai` (ships cl100k_base and
+  o200k_base offline and matches tiktoken), plus the chat framing of OpenAI's cookbook "How to
+  count tokens with tiktoken" (3 tokens per message, 1 per name, 3 to prime the reply).
+* Anything else: an estimate of 4 characters per token plus 4 tokens of framing per message —
+  OpenAI's rule of thumb ("one token ≈ 4 characters of English", help.openai.com, "What are
+  tokens"), marked as an estimate.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Iterable
+
+import bpe_openai
+
+from ..domain import ChatRequest, Message, TokenCount, TokenCountMethod
+
+CHARS_PER_TOKEN = 4
+TOKENS_PER_MESSAGE = 4
+# OpenAI cookbook framing for chat models since gpt-3.5-turbo-0613.
+_OPENAI_TOKENS_PER_MESSAGE = 3
+_OPENAI_TOKENS_PER_NAME = 1
+_OPENAI_REPLY_PRIMING = 3
+# Model-id prefixes and their encodings (OpenAI model pages: o200k_base for GPT-4o and later,
+# cl100k_base for GPT-4 / GPT-3.5 and the text-embedding-3 models).
+_ENCODING_BY_PREFIX = (
+    ("gpt-4o", "o200k_base"),
+    ("gpt-4.1", "o200k_base"),
+    ("gpt-4.5", "o200k_base"),
+    ("gpt-5", "o200k_base"),
+    ("chatgpt-4o", "o200k_base"),
+    ("o1", "o200k_base"),
+    ("o3", "o200k_base"),
+    ("o4", "o200k_base"),
+    ("gpt-oss", "o200k_base"),
+    ("openai/gpt-oss", "o200k_base"),
+    ("gpt-4", "cl100k_base"),
+    ("gpt-3.5", "cl100k_base"),
+    ("text-embedding-3", "cl100k_base"),
+    ("text-embedding-ada-002", "cl100k_base"),
+)
+
+
+def estimate_tokens(text_length: int) -> int:
+    """Estimated tokens for `text_length` characters."""
+    return (text_length + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN
+
+
+def _tools_text(request: ChatRequest) -> str:
+    return "".join(t.name + t.description + json.dumps(dict(t.parameters or {})) for t in request.tools)
+
+
+def estimate_input_tokens(messages: Iterable[Message], extra_text: str = "") -> int:
+    """Estimated input tokens of a conversation (text only; images not counted)."""
+    total = sum(estimate_tokens(len(m.text)) + TOKENS_PER_MESSAGE for m in messages)
+    return total + estimate_tokens(len(extra_text))
+
+
+def openai_encoding_name(model: str) -> str | None:
+    """The BPE encoding of an OpenAI-family model id, or None for other models."""
+    for prefix, name in _ENCODING_BY_PREFIX:
+        if model.startswith(prefix):
+            return name
+    return None
+
+
+@functools.cache
+def _encoding(name: str) -> bpe_openai.Encoding:
+    return bpe_openai.get_encoding(name)
+
+
+def count_with_tokenizer(request: ChatRequest, model: str, provider: str) -> TokenCount | None:
+    """Exact text-token count for OpenAI-family models (None for other models). Images are not
+    counted (their cost depends on size and detail); tool definitions count as their JSON text."""
+    name = openai_encoding_name(model)
+    if name is None:
+        return None
+    encoding = _encoding(name)
+    total = _OPENAI_REPLY_PRIMING
+    for message in request.messages:
+        total += (
+            _OPENAI_TOKENS_PER_MESSAGE + len(encoding.encode(message.role.value)) + len(encoding.encode(message.text))
+        )
+        for call in message.tool_calls:
+            total += len(encoding.encode(call.name)) + len(encoding.encode(call.arguments))
+        if message.name:
+            total += _OPENAI_TOKENS_PER_NAME + len(encoding.encode(message.name))
+    tools = _tools_text(request)
+    if tools:
+        total += len(encoding.encode(tools))
+    return TokenCount(total, TokenCountMethod.TOKENIZER, tokenizer=name, model=model, provider=provider)
+
+
+def estimate(request: ChatRequest, model: str, provider: str) -> TokenCount:
+    """The documented estimate, marked ESTIMATE."""
+    tokens = estimate_input_tokens(request.messages, _tools_text(request))
+    return TokenCount(tokens, TokenCountMethod.ESTIMATE, model=model, provider=provider)
