@@ -36,7 +36,7 @@ import json
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from aiohttp import web
 
@@ -61,6 +61,7 @@ class OpenAIEmulator:
     hang_started: asyncio.Event = field(default_factory=asyncio.Event)
     _runner: web.AppRunner | None = None
     port: int = 0
+    prefixes: ClassVar[tuple[str, ...]] = ("/v1", "")
 
     @property
     def base_url(self) -> str:
@@ -70,7 +71,7 @@ class OpenAIEmulator:
     async def start(self) -> None:
         """Binds 127.0.0.1 on a free port and starts serving."""
         app = web.Application()
-        for prefix in ("/v1", ""):
+        for prefix in self.prefixes:
             app.router.add_post(f"{prefix}/chat/completions", self._chat)
             app.router.add_post(f"{prefix}/embeddings", self._embeddings)
             app.router.add_get(f"{prefix}/models", self._models)
@@ -262,11 +263,14 @@ class OpenAIEmulator:
                 return response
             for piece in pieces[1:]:
                 await send(chunk({"content": piece}))
-        await send(chunk({}, finish))
-        if model != "no-usage":
-            await send({**base, "choices": [], "usage": usage})
+        for final in self._final_chunks(chunk({}, finish), base, usage if model != "no-usage" else None):
+            await send(final)
         await send("[DONE]")
         return response
+
+    def _final_chunks(self, finish: dict[str, Any], base: dict[str, Any], usage: dict[str, Any] | None) -> list[Any]:
+        """The finish-reason chunk, then (with usage) the `include_usage` chunk."""
+        return [finish] if usage is None else [finish, {**base, "choices": [], "usage": usage}]
 
     async def _embeddings(self, request: web.Request) -> web.Response:
         body = await self._record(request)

@@ -31,6 +31,7 @@ class _Row:
 _STATUS_TABLE: Mapping[int, _Row] = {
     400: _Row("INVALID_ARGUMENT", "PROVIDER_REJECTED", retryable=False, fallback=False),
     401: _Row("INTERNAL", "PROVIDER_AUTH_FAILED", retryable=False, fallback=True),
+    402: _Row("RESOURCE_EXHAUSTED", "PROVIDER_QUOTA_EXHAUSTED", retryable=False, fallback=True),  # billing
     403: _Row("INTERNAL", "PROVIDER_AUTH_FAILED", retryable=False, fallback=True),
     404: _Row("NOT_FOUND", "MODEL_NOT_FOUND", retryable=False, fallback=True),
     408: _Row("UNAVAILABLE", "PROVIDER_UNAVAILABLE", retryable=True, fallback=True),
@@ -38,6 +39,8 @@ _STATUS_TABLE: Mapping[int, _Row] = {
     413: _Row("INVALID_ARGUMENT", "PROVIDER_REJECTED", retryable=False, fallback=False),
     422: _Row("INVALID_ARGUMENT", "PROVIDER_REJECTED", retryable=False, fallback=False),
     429: _Row("RESOURCE_EXHAUSTED", "PROVIDER_RATE_LIMITED", retryable=True, fallback=True),
+    498: _Row("UNAVAILABLE", "PROVIDER_UNAVAILABLE", retryable=True, fallback=True),  # Groq flex capacity
+    499: _Row("UNAVAILABLE", "PROVIDER_UNAVAILABLE", retryable=True, fallback=True),  # request cancelled upstream
     500: _Row("UNAVAILABLE", "PROVIDER_UNAVAILABLE", retryable=True, fallback=True),
 }
 
