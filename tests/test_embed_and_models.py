@@ -107,3 +107,31 @@ async def test_listing_survives_a_provider_that_is_down(make_gateway: object, op
     gateway = await make_gateway({"OPENAI_BASE_URL": openai_upstream.base_url, "OLLAMA_HOST": "http://127.0.0.1:9"})  # type: ignore[operator]
     response = await gateway.stub.ListModels(pb.ListModelsRequest(page_size=1000))
     assert "openai/emulated-model" in {m.id for m in response.models}
+
+
+async def test_ollama_live_models_are_described_by_show(gateway: Gateway, ollama_upstream: OllamaEmulator) -> None:
+    model = (await gateway.stub.GetModel(pb.GetModelRequest(name="models/ollama/tinyllama:latest"))).model
+    assert set(model.capabilities) == {
+        pb.CAPABILITY_CHAT,
+        pb.CAPABILITY_STREAMING,
+        pb.CAPABILITY_JSON_MODE,
+        pb.CAPABILITY_TOOLS,
+    }
+    assert model.context_window == 131072
+    assert any(r.path == "/api/show" for r in ollama_upstream.requests)
+
+
+async def test_live_lists_are_cached(gateway: Gateway, openai_upstream: OpenAIEmulator) -> None:
+    for _ in range(3):
+        await gateway.stub.ListModels(pb.ListModelsRequest())
+    assert len(openai_upstream.calls("/models")) == 1  # models_list_ttl_s defaults to 300 s
+
+
+async def test_ollama_embed_batches_large_requests(gateway: Gateway, ollama_upstream: OllamaEmulator) -> None:
+    inputs = [f"text {i}" for i in range(300)]
+    response = await gateway.stub.Embed(pb.EmbedRequest(model="nomic-embed-text", inputs=inputs))
+    assert len(response.embeddings) == 300
+    assert [e.values[0] for e in response.embeddings] == [float(len(t)) for t in inputs]
+    batches = [r.body["input"] for r in ollama_upstream.requests if r.path == "/api/embed"]
+    assert [len(b) for b in batches] == [256, 44]
+    assert response.usage.input_tokens == 600

@@ -438,6 +438,17 @@ class Pricing:
 
 
 @dataclass(frozen=True, slots=True)
+class LiveModel:
+    """A model from a provider's live list; `capabilities` None when the provider does not say."""
+
+    id: str
+    display_name: str = ""
+    capabilities: frozenset[Capability] | None = None
+    context_window: int = 0
+    max_output_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class ModelInfo:
     """A routable model: `id` is what clients send, `provider_model` what the provider gets."""
 

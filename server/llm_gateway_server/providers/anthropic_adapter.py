@@ -16,8 +16,10 @@ import anthropic
 import httpx2
 
 from ..domain import (
+    Capability,
     ChatDelta,
     ChatRequest,
+    LiveModel,
     ProviderChatResult,
     ProviderEmbedResult,
     ProviderStreamEnd,
@@ -32,6 +34,9 @@ from . import anthropic_mapping, errors
 from .base import Provider
 
 MODELS_PAGE_SIZE = 100
+_ANTHROPIC_CAPABILITIES = frozenset(
+    {Capability.CHAT, Capability.STREAMING, Capability.TOOLS, Capability.VISION, Capability.JSON_MODE}
+)
 
 
 class AnthropicProvider(Provider):
@@ -158,11 +163,23 @@ class AnthropicProvider(Provider):
         )
         return TokenCount(int(result.input_tokens), TokenCountMethod.PROVIDER, model=model, provider=self.name)
 
-    async def list_models(self, timeout_s: float) -> tuple[str, ...]:
-        """Model ids from `GET /v1/models`, following `has_more` pages."""
+    async def list_models(self, timeout_s: float) -> tuple[LiveModel, ...]:
+        """Models from `GET /v1/models`, following `has_more` pages; every Messages model chats,
+        streams, calls tools and reads images (Anthropic models overview)."""
 
-        async def collect() -> tuple[str, ...]:
-            return tuple([m.id async for m in self._client.models.list(limit=MODELS_PAGE_SIZE, timeout=timeout_s)])
+        async def collect() -> tuple[LiveModel, ...]:
+            return tuple(
+                [
+                    LiveModel(
+                        m.id,
+                        display_name=m.display_name or m.id,
+                        capabilities=_ANTHROPIC_CAPABILITIES,
+                        context_window=int(getattr(m, "max_input_tokens", 0) or 0),
+                        max_output_tokens=int(getattr(m, "max_tokens", 0) or 0),
+                    )
+                    async for m in self._client.models.list(limit=MODELS_PAGE_SIZE, timeout=timeout_s)
+                ]
+            )
 
         try:
             async with asyncio.timeout(timeout_s):

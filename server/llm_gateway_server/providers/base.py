@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 
 from ..domain import (
     ChatRequest,
+    LiveModel,
     ProviderChatResult,
     ProviderEmbedResult,
     ProviderStreamEvent,
@@ -78,8 +79,8 @@ class Provider(abc.ABC):
         return tokens.count_with_tokenizer(request, model, self.name) or tokens.estimate(request, model, self.name)
 
     @abc.abstractmethod
-    async def list_models(self, timeout_s: float) -> tuple[str, ...]:
-        """The provider's live model ids."""
+    async def list_models(self, timeout_s: float) -> tuple[LiveModel, ...]:
+        """The provider's live model list, with what the provider tells of each model."""
 
     @abc.abstractmethod
     async def aclose(self) -> None:

@@ -19,6 +19,7 @@ import pydantic
 from ..domain import (
     ChatDelta,
     ChatRequest,
+    LiveModel,
     ProviderChatResult,
     ProviderEmbedResult,
     ProviderStreamEnd,
@@ -131,10 +132,22 @@ class OllamaProvider(Provider):
             answered_model = result.model or answered_model
         return ProviderEmbedResult(model=answered_model, vectors=tuple(vectors), usage=Usage(input_tokens=input_tokens))
 
-    async def list_models(self, timeout_s: float) -> tuple[str, ...]:
-        """Model names from `GET /api/tags`."""
+    async def list_models(self, timeout_s: float) -> tuple[LiveModel, ...]:
+        """Models from `GET /api/tags`, each described by `POST /api/show` (capabilities, context
+        length); a model whose `show` fails is listed without details."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
         listing = await self._bounded("", timeout_s, self._client.list())
-        return tuple(m.model for m in listing.models if m.model)
+        names = [m.model for m in listing.models if m.model]
+
+        async def describe(name: str) -> LiveModel:
+            try:
+                shown = await self._bounded(name, max(deadline - loop.time(), 0.001), self._client.show(name))
+            except GatewayError:
+                return LiveModel(name)
+            return ollama_mapping.live_model(name, shown)
+
+        return tuple(await asyncio.gather(*(describe(n) for n in names)))
 
     async def aclose(self) -> None:
         """Closes the client's connection pool."""

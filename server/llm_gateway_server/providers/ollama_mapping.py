@@ -14,7 +14,18 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from ..domain import ChatRequest, FinishReason, ImagePart, Role, TextPart, ToolCall, Usage, Warning
+from ..domain import (
+    Capability,
+    ChatRequest,
+    FinishReason,
+    ImagePart,
+    LiveModel,
+    Role,
+    TextPart,
+    ToolCall,
+    Usage,
+    Warning,
+)
 from ..errors import GatewayError
 
 # Ollama `done_reason` → normalised reason (tool calls detected separately). Source: reference §4.2.
@@ -138,6 +149,26 @@ def tool_calls_from_wire(calls: Any) -> tuple[ToolCall, ...]:
         text = arguments if isinstance(arguments, str) else json.dumps(dict(arguments or {}), separators=(",", ":"))
         result.append(ToolCall(id=getattr(call, "id", None) or new_call_id(), name=function.name or "", arguments=text))
     return tuple(result)
+
+
+# `/api/show` capabilities → gateway capabilities. Source: ollama types/model/capability.go.
+_CAPABILITIES: Mapping[str, tuple[Capability, ...]] = {
+    "completion": (Capability.CHAT, Capability.STREAMING, Capability.JSON_MODE),
+    "tools": (Capability.TOOLS,),
+    "vision": (Capability.VISION,),
+    "embedding": (Capability.EMBEDDINGS,),
+}
+
+
+def live_model(name: str, shown: Any) -> LiveModel:
+    """A `/api/show` answer → LiveModel (context length from `<architecture>.context_length`)."""
+    info = dict(getattr(shown, "modelinfo", None) or {})
+    architecture = info.get("general.architecture", "")
+    context = info.get(f"{architecture}.context_length", 0) if architecture else 0
+    capabilities = frozenset(
+        c for raw in (getattr(shown, "capabilities", None) or ()) for c in _CAPABILITIES.get(raw, ())
+    )
+    return LiveModel(name, capabilities=capabilities or None, context_window=int(context or 0))
 
 
 def usage_from_wire(response: Any) -> Usage | None:

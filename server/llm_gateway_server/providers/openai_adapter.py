@@ -19,6 +19,7 @@ import openai
 
 from ..domain import (
     ChatRequest,
+    LiveModel,
     ProviderChatResult,
     ProviderEmbedResult,
     ProviderStreamEnd,
@@ -171,10 +172,10 @@ class OpenAIProvider(Provider):
             answered_model = result.model or answered_model
         return ProviderEmbedResult(model=answered_model, vectors=tuple(vectors), usage=Usage(input_tokens=input_tokens))
 
-    async def list_models(self, timeout_s: float) -> tuple[str, ...]:
-        """Model ids from `GET /models`."""
+    async def list_models(self, timeout_s: float) -> tuple[LiveModel, ...]:
+        """Models from `GET /models` (Groq adds `context_window`, kept when present)."""
         page = await self._call("", timeout_s, lambda: self._client.models.list(timeout=timeout_s))
-        return tuple(m.id for m in page.data)
+        return tuple(LiveModel(m.id, context_window=int(getattr(m, "context_window", 0) or 0)) for m in page.data)
 
     async def aclose(self) -> None:
         """Closes the client's connection pool."""

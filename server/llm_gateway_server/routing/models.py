@@ -14,7 +14,7 @@ import json
 
 import structlog
 
-from ..domain import Availability, Capability, ModelInfo, ModelPage, ModelSource, ModelView
+from ..domain import Availability, Capability, LiveModel, ModelInfo, ModelPage, ModelSource, ModelView
 from ..errors import FieldViolation, GatewayError, invalid_request, model_not_found
 from ..providers.registry import ProviderRegistry
 from .catalog import Catalog
@@ -22,6 +22,8 @@ from .catalog import Catalog
 log = structlog.get_logger(__name__)
 
 DEFAULT_PAGE_SIZE = 100
+# A live model whose provider says nothing about it is assumed to chat and stream.
+_DEFAULT_LIVE_CAPABILITIES = frozenset({Capability.CHAT, Capability.STREAMING})
 MAX_PAGE_SIZE = 1000
 
 
@@ -42,10 +44,10 @@ class ModelDirectory:
         self._registry = registry
         self._ttl_s = ttl_s
         self._fetch_timeout_s = fetch_timeout_s
-        self._live: dict[str, tuple[float, tuple[str, ...]]] = {}
+        self._live: dict[str, tuple[float, tuple[LiveModel, ...]]] = {}
         self._lock = asyncio.Lock()
 
-    async def _live_ids(self, provider_name: str) -> tuple[str, ...]:
+    async def _live_models(self, provider_name: str) -> tuple[LiveModel, ...]:
         loop = asyncio.get_running_loop()
         cached = self._live.get(provider_name)
         if cached is not None and loop.time() - cached[0] < self._ttl_s:
@@ -53,28 +55,30 @@ class ModelDirectory:
         provider = self._registry.get(provider_name)
         assert provider is not None
         try:
-            ids = await provider.list_models(self._fetch_timeout_s)
+            models = await provider.list_models(self._fetch_timeout_s)
         except GatewayError as error:
             log.warning("model_list_failed", provider=provider_name, reason=error.reason, error=error.message)
-            ids = cached[1] if cached else ()
-        self._live[provider_name] = (loop.time(), ids)
-        return ids
+            models = cached[1] if cached else ()
+        self._live[provider_name] = (loop.time(), models)
+        return models
 
     async def _entries(self) -> list[ModelInfo]:
         async with self._lock:
             names = self._registry.names()
-            lists = await asyncio.gather(*(self._live_ids(n) for n in names))
+            lists = await asyncio.gather(*(self._live_models(n) for n in names))
         entries = list(self._catalog.all())
-        for name, ids in zip(names, lists, strict=True):
-            for model_id in ids:
-                if self._catalog.get_by_provider_model(name, model_id) is None and self._catalog.get(model_id) is None:
+        for name, models in zip(names, lists, strict=True):
+            for live in models:
+                if self._catalog.get_by_provider_model(name, live.id) is None and self._catalog.get(live.id) is None:
                     entries.append(
                         ModelInfo(
-                            id=f"{name}/{model_id}",
+                            id=f"{name}/{live.id}",
                             provider=name,
-                            provider_model=model_id,
-                            display_name=model_id,
-                            capabilities=frozenset({Capability.CHAT, Capability.STREAMING}),
+                            provider_model=live.id,
+                            display_name=live.display_name or live.id,
+                            capabilities=live.capabilities or _DEFAULT_LIVE_CAPABILITIES,
+                            context_window=live.context_window,
+                            max_output_tokens=live.max_output_tokens,
                             source=ModelSource.PROVIDER,
                         )
                     )
