@@ -67,7 +67,10 @@ async def make_gateway() -> AsyncIterator[GatewayFactory]:
     started: list[Gateway] = []
 
     async def make(environ: dict[str, str], **overrides: Any) -> Gateway:
-        settings = load_settings(environ=environ, overrides={"port": 0, "grace_period_s": 0.5, **overrides})
+        # One attempt per deployment unless a test asks for retries: adapter tests count upstream
+        # calls to show the SDKs' own retries are off (tests/test_resilience.py covers retries).
+        defaults = {"port": 0, "grace_period_s": 0.5, "retry": {"max_attempts": 1}}
+        settings = load_settings(environ=environ, overrides={**defaults, **overrides})
         running = await start_server(settings, environ)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
         gateway = Gateway(running, channel, pb_grpc.LLMGatewayServiceStub(channel))

@@ -115,6 +115,63 @@ class ModelSettings(BaseModel):
     equivalence_group: str = ""
 
 
+class DeploymentSettings(BaseModel):
+    """One deployment of an alias: a provider and its model, with routing weight/priority and
+    optional per-deployment limits (requests and tokens per minute)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    provider: str
+    model: str = Field(min_length=1)
+    weight: float = Field(default=1.0, gt=0)
+    priority: int = Field(default=0, ge=0)
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+
+
+class AliasSettings(BaseModel):
+    """A model name clients ask for, served by one or more deployments.
+
+    `strategy`: how deployments are ordered; `fallback_models`: models tried after every
+    deployment failed (default: the catalog's equivalents of the first deployment's model).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=256)
+    deployments: list[DeploymentSettings] = Field(min_length=1)
+    strategy: Literal["priority", "weighted", "least_latency", "lowest_cost", "least_busy"] = "priority"
+    fallback_models: list[str] = Field(default_factory=list)
+
+
+class RetrySettings(BaseModel):
+    """Retries of retryable failures (429, 5xx, 529, timeouts, connection errors) per deployment:
+    exponential backoff with full jitter, `retry-after` honoured up to `max_retry_after_s` (a longer
+    one moves on to the next deployment), never past the caller's deadline."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_attempts: int = Field(default=2, ge=1, le=10)
+    base_delay_s: float = Field(default=0.25, ge=0, le=60)
+    max_delay_s: float = Field(default=4.0, ge=0, le=300)
+    max_retry_after_s: float = Field(default=20.0, ge=0, le=600)
+
+
+class BreakerSettings(BaseModel):
+    """Circuit breaker per deployment: opens after `consecutive_failures`, or when at least
+    `min_calls` calls in the last `window_s` seconds failed at `failure_rate` or more; half-opens after
+    `cooldown_s` and lets `half_open_max_calls` trial calls through; closes on a trial success."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    consecutive_failures: int = Field(default=5, ge=1)
+    failure_rate: float = Field(default=0.5, gt=0, le=1)
+    window_s: float = Field(default=60.0, gt=0)
+    min_calls: int = Field(default=10, ge=1)
+    cooldown_s: float = Field(default=30.0, gt=0)
+    half_open_max_calls: int = Field(default=1, ge=1)
+
+
 class Settings(BaseSettings):
     """Gateway settings. Every field can be set as `LLM_GATEWAY_<FIELD>` or in the YAML file.
 
@@ -129,6 +186,13 @@ class Settings(BaseSettings):
         providers: provider instances (added to those from the standard variables).
         models: catalog additions/overrides.
         models_list_ttl_s: how long a provider's live model list is cached, seconds.
+        aliases: model names served by several deployments (see AliasSettings).
+        retry: retry policy (see RetrySettings).
+        breaker: circuit breaker policy (see BreakerSettings).
+        attempt_timeout_s: bound on one attempt until its answer (unary) or its first stream event,
+            seconds; a slower deployment counts as failed and the next one is tried.
+        stream_idle_timeout_s: longest wait between two stream events once streaming, seconds.
+        fallback_to_equivalents: fall back to the catalog's equivalent models by default.
     """
 
     model_config = SettingsConfigDict(env_prefix="LLM_GATEWAY_", extra="forbid")
@@ -143,6 +207,12 @@ class Settings(BaseSettings):
     providers: list[ProviderSettings] = Field(default_factory=list)
     models: list[ModelSettings] = Field(default_factory=list)
     models_list_ttl_s: float = Field(default=300.0, ge=0)
+    aliases: list[AliasSettings] = Field(default_factory=list)
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+    breaker: BreakerSettings = Field(default_factory=BreakerSettings)
+    attempt_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    stream_idle_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    fallback_to_equivalents: bool = True
 
     @model_validator(mode="after")
     def _unique_provider_names(self) -> Settings:

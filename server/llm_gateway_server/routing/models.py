@@ -17,7 +17,9 @@ import structlog
 from ..domain import Availability, Capability, LiveModel, ModelInfo, ModelPage, ModelSource, ModelView
 from ..errors import FieldViolation, GatewayError, invalid_request, model_not_found
 from ..providers.registry import ProviderRegistry
+from .breaker import BreakerState
 from .catalog import Catalog
+from .state import DeploymentStates
 
 log = structlog.get_logger(__name__)
 
@@ -35,12 +37,19 @@ class ModelDirectory:
         registry: configured providers (for availability and live lists).
         ttl_s: how long a live list is reused, seconds.
         fetch_timeout_s: bound on one live-list fetch, seconds.
+        states: live deployment state (an open breaker shows as AVAILABILITY_DEGRADED).
     """
 
     def __init__(
-        self, catalog: Catalog, registry: ProviderRegistry, ttl_s: float, fetch_timeout_s: float = 5.0
+        self,
+        catalog: Catalog,
+        registry: ProviderRegistry,
+        ttl_s: float,
+        fetch_timeout_s: float = 5.0,
+        states: DeploymentStates | None = None,
     ) -> None:
         self._catalog = catalog
+        self._states = states
         self._registry = registry
         self._ttl_s = ttl_s
         self._fetch_timeout_s = fetch_timeout_s
@@ -86,10 +95,15 @@ class ModelDirectory:
         return entries
 
     def _view(self, info: ModelInfo) -> ModelView:
-        available = self._registry.get(info.provider) is not None
+        if self._registry.get(info.provider) is None:
+            availability = Availability.NOT_CONFIGURED
+        elif self._states and self._states.breaker_state(f"{info.provider}/{info.provider_model}") is BreakerState.OPEN:
+            availability = Availability.DEGRADED
+        else:
+            availability = Availability.AVAILABLE
         return ModelView(
             info=info,
-            availability=Availability.AVAILABLE if available else Availability.NOT_CONFIGURED,
+            availability=availability,
             equivalent_models=self._catalog.equivalents(info),
         )
 

@@ -1,5 +1,6 @@
-"""The data plane: resolves a request to a deployment, checks capabilities, calls the adapter under
-the caller's deadline, and assembles the answer (usage, cost, attempts, final stream event).
+"""The data plane: plans the deployments for a request (aliases, strategy, fallbacks, capability
+checks), runs the call through the `Executor` (breakers, retries, deadlines), and assembles the
+answer (usage, cost, attempts, final stream event).
 
 Transport-neutral: the servicer calls it with domain objects and a `CallContext`.
 """
@@ -8,14 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
-from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
-from typing import TypeVar
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from ..domain import (
-    Attempt,
-    AttemptOutcome,
     Capability,
     ChatDelta,
     ChatRequest,
@@ -27,58 +24,29 @@ from ..domain import (
     EmbedResponse,
     ImagePart,
     Message,
+    ProviderChatResult,
+    ProviderEmbedResult,
     ProviderStreamEnd,
+    ProviderStreamEvent,
     Role,
+    RoutingOptions,
+    RoutingStrategy,
     TextPart,
     TokenCount,
-    ToolCall,
-    ToolCallDelta,
     Usage,
 )
 from ..errors import GatewayError, capability_not_supported, deadline_exceeded
-from ..providers.tokens import estimate_tokens
+from ..providers.tokens import estimate_input_tokens, estimate_tokens
 from .accounting import cost_of, usage_or_estimate
+from .attempts import Executor
+from .calls import CallContext, ToolCallAssembler
 from .catalog import Catalog
 from .resolver import Deployment, Resolver
+from .strategies import order
 
-T = TypeVar("T")
+__all__ = ["CallContext", "Router", "ToolCallAssembler"]
 
-
-@dataclass(frozen=True, slots=True)
-class CallContext:
-    """Per-call facts from the transport.
-
-    Attributes:
-        request_id: the gateway request id (from `x-request-id` or generated).
-        deadline: absolute event-loop time (`loop.time()`, seconds) by which the call must end.
-    """
-
-    request_id: str
-    deadline: float
-
-
-class ToolCallAssembler:
-    """Joins streamed tool-call fragments by index into complete calls."""
-
-    def __init__(self) -> None:
-        self._calls: dict[int, list[str]] = {}
-
-    def add(self, fragments: tuple[ToolCallDelta, ...]) -> None:
-        """Adds fragments: the first of an index sets id and name; arguments concatenate."""
-        for fragment in fragments:
-            call = self._calls.setdefault(fragment.index, ["", "", ""])
-            if fragment.id:
-                call[0] = fragment.id
-            if fragment.name:
-                call[1] = fragment.name
-            call[2] += fragment.arguments
-
-    def calls(self, request_id: str) -> tuple[ToolCall, ...]:
-        """The assembled calls by index; a call without an id gets `call_<request id>_<index>`."""
-        return tuple(
-            ToolCall(id=c[0] or f"call_{request_id}_{i}", name=c[1], arguments=c[2])
-            for i, c in sorted(self._calls.items())
-        )
+Check = Callable[[Deployment], GatewayError | None]
 
 
 def _required_capabilities(request: ChatRequest) -> list[tuple[Capability, str]]:
@@ -94,16 +62,32 @@ def _required_capabilities(request: ChatRequest) -> list[tuple[Capability, str]]
 
 
 class Router:
-    """Routes chat and embedding calls to provider adapters.
+    """Routes chat and embedding calls to provider deployments.
 
     Args:
-        catalog: the model catalog (prices, capabilities).
-        resolver: model name → deployment.
+        catalog: the model catalog (prices, capabilities, equivalents).
+        resolver: model names and aliases → deployments.
+        executor: runs attempts (breakers, retries, timeouts).
+        fallback_to_equivalents: whether catalog equivalents are default fallbacks.
+        rng: randomness for the weighted strategy (seedable in tests).
     """
 
-    def __init__(self, catalog: Catalog, resolver: Resolver) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        resolver: Resolver,
+        executor: Executor,
+        *,
+        fallback_to_equivalents: bool = True,
+        rng: random.Random | None = None,
+    ) -> None:
         self._catalog = catalog
         self._resolver = resolver
+        self._executor = executor
+        self._equivalents = fallback_to_equivalents
+        self._rng = rng or random.Random()
+
+    # --- planning ----------------------------------------------------------------------------
 
     def _alternatives(self, capability: Capability) -> tuple[str, ...]:
         """Models with `capability`, those of configured providers first."""
@@ -111,8 +95,60 @@ class Router:
         others = [m for m in self._catalog.with_capability(capability) if m not in configured]
         return (*configured, *others)
 
+    def _chat_check(self, request: ChatRequest) -> Check:
+        needs = _required_capabilities(request)
+
+        def check(deployment: Deployment) -> GatewayError | None:
+            if deployment.info is None:
+                return None
+            for capability, what in needs:
+                if capability not in deployment.info.capabilities:
+                    return capability_not_supported(request.model, what, self._alternatives(capability))
+            return None
+
+        return check
+
+    def _embed_check(self, model: str) -> Check:
+        def check(deployment: Deployment) -> GatewayError | None:
+            info = deployment.info
+            if not deployment.provider.supports_embeddings or (
+                info is not None and Capability.EMBEDDINGS not in info.capabilities
+            ):
+                return capability_not_supported(model, "embeddings", self._alternatives(Capability.EMBEDDINGS))
+            return None
+
+        return check
+
+    def _plan(self, model: str, routing: RoutingOptions, check: Check) -> list[Deployment]:
+        """Deployments to try, in order: the model's own (ordered by strategy), then, when
+        fallback is allowed, those of the fallback models. Deployments that cannot serve the
+        request are left out; when none of the model's own can, its capability error is raised."""
+        group = self._resolver.resolve_group(model, routing.provider, self._equivalents)
+        strategy = routing.strategy if routing.strategy is not RoutingStrategy.CONFIGURED else group.strategy
+        own = [d for d in group.deployments if check(d) is None]
+        if not own:
+            error = check(group.deployments[0])
+            assert error is not None
+            raise error
+        plan = order(own, strategy or RoutingStrategy.PRIORITY, self._executor.states, self._rng)
+        if not routing.fallback:
+            return plan
+        seen = {d.key for d in plan}
+        for name in routing.fallback_models or group.fallback_models:
+            try:
+                fallback = self._resolver.resolve_group(name, routing.provider, equivalents=False)
+            except GatewayError:
+                continue  # an unknown or unconfigured fallback model is not an error of this call
+            candidates = [d for d in fallback.deployments if d.key not in seen and check(d) is None]
+            for deployment in order(
+                candidates, fallback.strategy or RoutingStrategy.PRIORITY, self._executor.states, self._rng
+            ):
+                seen.add(deployment.key)
+                plan.append(deployment)
+        return plan
+
     @staticmethod
-    def _with_output_limit(request: ChatRequest, deployment: Deployment) -> ChatRequest:
+    def _prepared(request: ChatRequest, deployment: Deployment) -> ChatRequest:
         """Fills `max_output_tokens` from the catalog for providers that require one."""
         if not deployment.provider.requires_max_output_tokens or request.generation.max_output_tokens is not None:
             return request
@@ -121,68 +157,30 @@ class Router:
             return request
         return dataclasses.replace(request, generation=dataclasses.replace(request.generation, max_output_tokens=limit))
 
-    def _chat_deployment(self, request: ChatRequest) -> Deployment:
-        deployment = self._resolver.resolve(request.model, request.routing.provider)
-        info = deployment.info
-        if info is not None:
-            for capability, what in _required_capabilities(request):
-                if capability not in info.capabilities:
-                    raise capability_not_supported(request.model, what, self._alternatives(capability))
-        return deployment
-
     @staticmethod
-    def _remaining(ctx: CallContext, deployment: Deployment) -> float:
-        remaining = ctx.deadline - asyncio.get_running_loop().time()
-        if remaining <= 0:
-            raise deadline_exceeded(deployment.provider.name, deployment.provider_model, 0.0)
-        return remaining
+    def _token_estimate(request: ChatRequest) -> int:
+        return estimate_input_tokens(request.messages) + (request.generation.max_output_tokens or 0)
 
-    @staticmethod
-    def _deadline_error(ctx: CallContext, deployment: Deployment, budget_s: float, error: GatewayError) -> GatewayError:
-        """An upstream timeout at (or after) the caller's deadline is the caller's deadline."""
-        if error.metadata.get("failure") == "timeout" and asyncio.get_running_loop().time() >= ctx.deadline - 0.005:
-            return deadline_exceeded(deployment.provider.name, deployment.provider_model, budget_s)
-        return error
-
-    async def _bounded(self, ctx: CallContext, deployment: Deployment, budget: float, call: Awaitable[T]) -> T:
-        """Awaits an adapter call under the caller's deadline; errors gain provider/model metadata."""
-        try:
-            async with asyncio.timeout_at(ctx.deadline):
-                return await call
-        except TimeoutError:
-            raise deadline_exceeded(deployment.provider.name, deployment.provider_model, budget) from None
-        except GatewayError as error:
-            raise self._deadline_error(ctx, deployment, budget, error).with_metadata(
-                provider=deployment.provider.name, model=deployment.provider_model
-            ) from None
-
-    @staticmethod
-    def _succeeded(deployment: Deployment, started: float) -> Attempt:
-        elapsed_ms = (time.perf_counter() - started) * 1000.0
-        return Attempt(deployment.provider.name, deployment.provider_model, AttemptOutcome.SUCCESS, elapsed_ms)
+    # --- calls -------------------------------------------------------------------------------
 
     async def chat(self, request: ChatRequest, ctx: CallContext) -> ChatResponse:
-        """Runs a unary chat.
+        """Runs a unary chat along its plan.
 
         Raises:
             GatewayError: resolution, capability, provider and deadline failures.
         """
-        deployment = self._chat_deployment(request)
-        request = self._with_output_limit(request, deployment)
-        provider = deployment.provider
-        warnings = provider.plan_chat(request)
-        budget = self._remaining(ctx, deployment)
-        started = time.perf_counter()
-        result = await self._bounded(ctx, deployment, budget, provider.chat(request, deployment.provider_model, budget))
-        attempt = self._succeeded(deployment, started)
-        usage = usage_or_estimate(
-            result.usage, request.messages, len(result.text) + sum(len(c.arguments) for c in result.tool_calls)
-        )
-        pricing = deployment.info.pricing if deployment.info else None
+        plan = self._plan(request.model, request.routing, self._chat_check(request))
+
+        def call(deployment: Deployment, timeout_s: float) -> Awaitable[ProviderChatResult]:
+            return deployment.provider.chat(self._prepared(request, deployment), deployment.provider_model, timeout_s)
+
+        result, deployment, log = await self._executor.run(plan, ctx, self._token_estimate(request), call)
+        output_chars = len(result.text) + sum(len(c.arguments) for c in result.tool_calls)
+        usage = usage_or_estimate(result.usage, request.messages, output_chars)
         return ChatResponse(
             id=ctx.request_id,
             model=result.model,
-            provider=provider.name,
+            provider=deployment.provider.name,
             message=Message(
                 role=Role.ASSISTANT,
                 content=(TextPart(result.text),) if result.text else (),
@@ -191,124 +189,133 @@ class Router:
             finish_reason=result.finish_reason,
             provider_finish_reason=result.provider_finish_reason,
             usage=usage,
-            cost=cost_of(usage, pricing),
-            attempts=(attempt,),
-            warnings=warnings,
+            cost=cost_of(usage, deployment.info.pricing if deployment.info else None),
+            attempts=tuple(log.attempts),
+            warnings=deployment.provider.plan_chat(self._prepared(request, deployment)),
             provider_response_id=result.response_id,
         )
 
     async def chat_stream(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[ChatStreamEvent]:
         """Runs a streamed chat: `ChatStreamDelta` events, then exactly one `ChatStreamFinal`.
 
-        Every wait for the next upstream event is bounded by the caller's deadline. A failure
-        after content was sent raises GatewayError with code UNAVAILABLE and `chunks_sent`
-        metadata; a stream never ends quietly without its final event.
+        Retries and fallbacks happen until the first upstream event; after content reached the
+        client, a failure (or a stall longer than the idle timeout) raises GatewayError with code
+        UNAVAILABLE and `chunks_sent` metadata. A stream never ends quietly without its final event.
         """
-        deployment = self._chat_deployment(request)
-        request = self._with_output_limit(request, deployment)
-        provider = deployment.provider
-        warnings = provider.plan_chat(request)
-        budget = self._remaining(ctx, deployment)
-        started = time.perf_counter()
+        plan = self._plan(request.model, request.routing, self._chat_check(request))
+
+        def start(deployment: Deployment, timeout_s: float) -> AsyncIterator[ProviderStreamEvent]:
+            prepared = self._prepared(request, deployment)
+            return deployment.provider.chat_stream(prepared, deployment.provider_model, timeout_s)
+
+        stream, log = await self._executor.open_stream(plan, ctx, self._token_estimate(request), start)
+        deployment = stream.deployment
+        state = self._executor.states.get(deployment)
+        state.in_flight += 1
         assembler = ToolCallAssembler()
         chunks_sent = 0
         output_chars = 0
         end: ProviderStreamEnd | None = None
-        upstream = provider.chat_stream(request, deployment.provider_model, budget)
+        event = stream.first
         try:
             while True:
-                try:
-                    async with asyncio.timeout_at(ctx.deadline):
-                        event = await anext(upstream)
-                except StopAsyncIteration:
-                    break
                 if isinstance(event, ChatDelta):
                     if event.tool_calls:
                         assembler.add(event.tool_calls)
                     output_chars += len(event.text) + sum(len(f.arguments) for f in event.tool_calls)
                     chunks_sent += 1
-                    yield ChatStreamDelta(model=deployment.provider_model, provider=provider.name, delta=event)
+                    yield ChatStreamDelta(
+                        model=deployment.provider_model, provider=deployment.provider.name, delta=event
+                    )
                 else:
                     end = event
-        except TimeoutError:
-            error = deadline_exceeded(provider.name, deployment.provider_model, budget)
-            raise error.with_metadata(chunks_sent=str(chunks_sent)) from None
+                    break
+                try:
+                    event = await self._executor.bounded(
+                        ctx, deployment, anext(stream.rest), self._executor.settings.stream_idle_timeout_s, stalled=True
+                    )
+                except StopAsyncIteration:
+                    break
         except GatewayError as error:
-            mapped = self._deadline_error(ctx, deployment, budget, error)
-            if chunks_sent and mapped.code != "DEADLINE_EXCEEDED":
-                mapped.code = "UNAVAILABLE"  # content already reached the client: not retryable as a whole
-            raise mapped.with_metadata(
-                provider=provider.name, model=deployment.provider_model, chunks_sent=str(chunks_sent)
+            self._executor.stream_failed(stream, error, log)
+            if chunks_sent and error.code != "DEADLINE_EXCEEDED":
+                error.code = "UNAVAILABLE"  # content already reached the client: the call cannot be retried
+            raise error.with_metadata(
+                provider=deployment.provider.name,
+                model=deployment.provider_model,
+                chunks_sent=str(chunks_sent),
+                attempts=log.summary(),
             ) from None
         finally:
-            await upstream.aclose()  # type: ignore[attr-defined]
+            state.in_flight -= 1
+            await stream.rest.aclose()  # type: ignore[attr-defined]
         if end is None:  # adapters raise instead; this guards the contract
-            raise GatewayError(
+            truncated = GatewayError(
                 "UNAVAILABLE",
                 "PROVIDER_BAD_RESPONSE",
-                f"provider {provider.name!r} stream ended without a final event",
+                f"provider {deployment.provider.name!r} stream ended without a final event",
                 metadata={
-                    "provider": provider.name,
+                    "provider": deployment.provider.name,
                     "model": deployment.provider_model,
                     "chunks_sent": str(chunks_sent),
                 },
             )
-        attempt = self._succeeded(deployment, started)
+            self._executor.stream_failed(stream, truncated, log)
+            raise truncated
+        self._executor.succeeded(deployment, stream.started, log, stream.ttft_ms)
         usage = usage_or_estimate(end.usage, request.messages, output_chars)
         yield ChatStreamFinal(
             model=end.model,
-            provider=provider.name,
+            provider=deployment.provider.name,
             finish_reason=end.finish_reason,
             provider_finish_reason=end.provider_finish_reason,
             usage=usage,
             cost=cost_of(usage, deployment.info.pricing if deployment.info else None),
             tool_calls=assembler.calls(ctx.request_id),
-            attempts=(attempt,),
-            warnings=warnings,
+            attempts=tuple(log.attempts),
+            warnings=deployment.provider.plan_chat(self._prepared(request, deployment)),
             provider_response_id=end.response_id,
         )
 
     async def embed(self, request: EmbedRequest, ctx: CallContext) -> EmbedResponse:
-        """Embeds the request's inputs.
+        """Embeds the request's inputs along its plan.
 
         Raises:
             GatewayError: CAPABILITY_NOT_SUPPORTED (naming embedding models) for a model that
                 cannot embed; provider and deadline failures.
         """
-        deployment = self._resolver.resolve(request.model, request.routing.provider)
-        info = deployment.info
-        cannot_embed = not deployment.provider.supports_embeddings
-        if cannot_embed or (info is not None and Capability.EMBEDDINGS not in info.capabilities):
-            raise capability_not_supported(request.model, "embeddings", self._alternatives(Capability.EMBEDDINGS))
-        provider = deployment.provider
-        budget = self._remaining(ctx, deployment)
-        started = time.perf_counter()
-        call = provider.embed(deployment.provider_model, request.inputs, request.dimensions, budget)
-        result = await self._bounded(ctx, deployment, budget, call)
-        attempt = self._succeeded(deployment, started)
+        plan = self._plan(request.model, request.routing, self._embed_check(request.model))
+        tokens = sum(estimate_tokens(len(t)) for t in request.inputs)
+
+        def call(deployment: Deployment, timeout_s: float) -> Awaitable[ProviderEmbedResult]:
+            return deployment.provider.embed(deployment.provider_model, request.inputs, request.dimensions, timeout_s)
+
+        result, deployment, log = await self._executor.run(plan, ctx, tokens, call)
         usage = (
             result.usage
             if result.usage is not None and result.usage.input_tokens
-            else Usage(input_tokens=sum(estimate_tokens(len(t)) for t in request.inputs), estimated=True)
+            else Usage(input_tokens=tokens, estimated=True)
         )
         return EmbedResponse(
             id=ctx.request_id,
             model=result.model,
-            provider=provider.name,
+            provider=deployment.provider.name,
             vectors=result.vectors,
             usage=usage,
-            cost=cost_of(usage, info.pricing if info else None),
-            attempts=(attempt,),
+            cost=cost_of(usage, deployment.info.pricing if deployment.info else None),
+            attempts=tuple(log.attempts),
         )
 
     async def count_tokens(self, request: ChatRequest, ctx: CallContext) -> TokenCount:
-        """Counts the input tokens of `request` on its model (provider count, tokenizer, or
-        estimate; see `Provider.count_tokens`).
+        """Counts the input tokens of `request` on its model's first deployment (provider count,
+        tokenizer, or estimate; see `Provider.count_tokens`).
 
         Raises:
             GatewayError: resolution, provider and deadline failures.
         """
-        deployment = self._resolver.resolve(request.model, request.routing.provider)
-        budget = self._remaining(ctx, deployment)
-        call = deployment.provider.count_tokens(request, deployment.provider_model, budget)
-        return await self._bounded(ctx, deployment, budget, call)
+        deployment = self._resolver.resolve_group(request.model, request.routing.provider, False).deployments[0]
+        remaining = ctx.deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            raise deadline_exceeded(deployment.provider.name, deployment.provider_model, 0.0)
+        call = deployment.provider.count_tokens(request, deployment.provider_model, remaining)
+        return await self._executor.bounded(ctx, deployment, call, remaining)

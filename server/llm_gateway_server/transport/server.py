@@ -23,14 +23,51 @@ from llm_gateway.v1 import llm_gateway_pb2_grpc as pb_grpc
 
 from ..config import Settings
 from ..providers.registry import ProviderRegistry, build_registry
+from ..routing.attempts import Executor, ExecutorSettings
+from ..routing.breaker import BreakerState
 from ..routing.catalog import load_catalog
 from ..routing.models import ModelDirectory
-from ..routing.resolver import Resolver
+from ..routing.resolver import Deployment, Resolver
 from ..routing.router import Router
+from ..routing.state import DeploymentStates
 from .servicer import LLMGatewayServicer
 
 log = structlog.get_logger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LLMGatewayService"].full_name
+
+
+class _BreakerHealth:
+    """Mirrors circuit breakers into health: `deployment/<provider>/<model>` is NOT_SERVING while its
+    breaker is open; `provider/<name>` is NOT_SERVING while every deployment of it seen so far is
+    open."""
+
+    def __init__(
+        self, health_servicer: health.aio.HealthServicer, states: DeploymentStates, registry: ProviderRegistry
+    ) -> None:
+        self._health = health_servicer
+        self._states = states
+        self._open: dict[str, set[str]] = {name: set() for name in registry.names()}
+        self._seen: dict[str, set[str]] = {name: set() for name in registry.names()}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def on_change(self, deployment: Deployment, state: BreakerState) -> None:
+        provider = deployment.provider.name
+        self._seen.setdefault(provider, set()).add(deployment.key)
+        opened = self._open.setdefault(provider, set())
+        if state is BreakerState.OPEN:
+            opened.add(deployment.key)
+        else:
+            opened.discard(deployment.key)
+        serving = health_pb2.HealthCheckResponse.SERVING
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        updates = {
+            f"deployment/{deployment.key}": not_serving if state is BreakerState.OPEN else serving,
+            f"provider/{provider}": not_serving if opened == self._seen[provider] and opened else serving,
+        }
+        for name, status in updates.items():
+            task = asyncio.get_running_loop().create_task(self._health.set(name, status))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
 
 @dataclass
@@ -60,8 +97,16 @@ async def start_server(settings: Settings, environ: Mapping[str, str] | None = N
     env = dict(os.environ if environ is None else environ)
     catalog = load_catalog(settings.models)
     registry = build_registry(settings.providers, env)
-    router = Router(catalog, Resolver(catalog, registry))
-    directory = ModelDirectory(catalog, registry, ttl_s=settings.models_list_ttl_s)
+    states = DeploymentStates(settings.breaker)
+    executor = Executor(
+        states,
+        ExecutorSettings(
+            settings.retry, settings.attempt_timeout_s, settings.stream_idle_timeout_s, settings.breaker.cooldown_s
+        ),
+    )
+    resolver = Resolver(catalog, registry, settings.aliases)
+    router = Router(catalog, resolver, executor, fallback_to_equivalents=settings.fallback_to_equivalents)
+    directory = ModelDirectory(catalog, registry, ttl_s=settings.models_list_ttl_s, states=states)
     servicer = LLMGatewayServicer(router, directory, settings.default_deadline_s)
 
     options = [
@@ -82,8 +127,9 @@ async def start_server(settings: Settings, environ: Mapping[str, str] | None = N
         await registry.aclose()
         raise RuntimeError(f"cannot bind {address}")
     await server.start()
-    for name in ("", SERVICE_NAME):
+    for name in ("", SERVICE_NAME, *(f"provider/{p}" for p in registry.names())):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    states.subscribe(_BreakerHealth(health_servicer, states, registry).on_change)
     log.info(
         "server_started",
         address=f"{settings.host}:{port}",
