@@ -23,6 +23,10 @@ Behaviour is chosen by the requested model name, so one emulator serves every sc
 | `truncated`      | streams one chunk and [DONE] with no finish reason                      |
 | `stream-error`   | streams one chunk, then `data: {"error": {...}}`                         |
 | `length`         | finish_reason `length`                                                   |
+| `slow-<ms>`      | waits <ms> milliseconds, then answers normally                            |
+| `flaky-<N>-<K>`  | the first K calls with this model fail with HTTP N (429 adds             |
+|                  | `retry-after-ms: 30`), later calls answer normally                       |
+| `drop`           | closes the connection without answering (unary and streaming)           |
 
 Every request is recorded (`requests`: method, path, headers, JSON body); disconnects of hanging
 requests are recorded in `disconnects`.
@@ -59,6 +63,8 @@ class OpenAIEmulator:
     requests: list[Recorded] = field(default_factory=list)
     disconnects: list[str] = field(default_factory=list)
     hang_started: asyncio.Event = field(default_factory=asyncio.Event)
+    served: dict[str, int] = field(default_factory=dict)  # requests per model name
+    delay_s: float = 0.0  # added before every chat answer (to slow a whole deployment down)
     _runner: web.AppRunner | None = None
     port: int = 0
     prefixes: ClassVar[tuple[str, ...]] = ("/v1", "")
@@ -116,6 +122,12 @@ class OpenAIEmulator:
         return web.json_response(body, status=status, headers={"x-request-id": "req_emulated", **(headers or {})})
 
     def _scenario_error(self, model: str) -> web.Response | None:
+        if model.startswith("flaky-"):
+            _, status, failures = model.split("-")
+            if self.served.get(model, 0) <= int(failures):
+                headers = {"retry-after-ms": "30"} if status == "429" else {}
+                return self._error(int(status), f"emulated flaky failure {status}", None, "server_error", headers)
+            return None
         if model.startswith("status-"):
             status = int(model.removeprefix("status-"))
             headers = {"retry-after-ms": "1500"} if status == 429 else {}
@@ -162,11 +174,20 @@ class OpenAIEmulator:
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._record(request)
         model = body.get("model", "")
+        self.served[model] = self.served.get(model, 0) + 1
         error = self._scenario_error(model)
         if error is not None:
             return error
         if model == "hang":
             return await self._hang(request, "chat")
+        if model == "drop":
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response(status=500)
+        if model.startswith("slow-"):
+            await asyncio.sleep(int(model.removeprefix("slow-")) / 1000)
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         if model == "malformed":
             return web.Response(text="{not json", content_type="application/json")
         text = f"echo: {self._last_user_text(body)}"
