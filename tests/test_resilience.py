@@ -368,3 +368,19 @@ async def test_deployment_rpm_limit_spills_to_the_next_deployment(pair: Pair) ->
     gateway = await pair.gateway([spec])
     providers = [(await gateway.stub.Chat(chat("r"))).provider for _ in range(4)]
     assert providers == ["primary", "primary", "backup", "backup"]
+
+
+async def test_deployment_tpm_limit_counts_the_reserved_estimate(pair: Pair) -> None:
+    spec = {
+        "name": "t",
+        "deployments": [
+            {"provider": "primary", "model": "default", "tpm": 100},
+            {"provider": "backup", "model": "default", "priority": 1},
+        ],
+    }
+    gateway = await pair.gateway([spec])
+    generation = pb.GenerationOptions(max_output_tokens=60)  # ~5 input tokens + 60 output reserved per call
+    providers = [(await gateway.stub.Chat(chat("t", generation=generation))).provider for _ in range(3)]
+    assert providers == ["primary", "backup", "backup"]
+    skipped = (await gateway.stub.Chat(chat("t", generation=generation))).attempts[0]
+    assert (skipped.outcome, skipped.error_reason) == (pb.ATTEMPT_OUTCOME_SKIPPED, "DEPLOYMENT_RATE_LIMITED")
