@@ -69,7 +69,7 @@ async def make_gateway() -> AsyncIterator[GatewayFactory]:
     async def make(environ: dict[str, str], **overrides: Any) -> Gateway:
         # One attempt per deployment unless a test asks for retries: adapter tests count upstream
         # calls to show the SDKs' own retries are off (tests/test_resilience.py covers retries).
-        defaults = {"port": 0, "grace_period_s": 0.5, "retry": {"max_attempts": 1}}
+        defaults = {"port": 0, "grace_period_s": 0.5, "retry": {"max_attempts": 1}, "metrics_port": 0}
         settings = load_settings(environ=environ, overrides={**defaults, **overrides})
         running = await start_server(settings, environ)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")

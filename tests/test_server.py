@@ -76,7 +76,7 @@ def _free_port() -> int:
 
 def _gateway_env(extra: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "OLLAMA_", "LLM_GATEWAY_"))}
-    return {**env, **extra}
+    return {**env, "LLM_GATEWAY_METRICS_PORT": "0", **extra}
 
 
 async def test_cli_serves_from_env_and_drains_on_sigterm(openai_upstream: OpenAIEmulator) -> None:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .config import ConfigError, load_settings
+from .interceptors.auth import hash_key
 from .telemetry.logging import configure_logging
 from .transport.server import serve
 
@@ -22,6 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--host", help="bind address (default 127.0.0.1, or LLM_GATEWAY_HOST)")
     run.add_argument("--port", type=int, help="gRPC port (default 50051, or LLM_GATEWAY_PORT; 0 picks a free port)")
     run.add_argument("--config", type=Path, help="YAML settings file (providers, models, limits)")
+    commands.add_parser("hash-key", help="read an API key on stdin, print its key_sha256 for the config file")
     return parser
 
 
@@ -29,12 +31,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `llm-gateway` console script; returns the process exit status
     (0 after a clean drain, 2 for invalid configuration)."""
     args = _parser().parse_args(argv)
+    if args.command == "hash-key":
+        key = sys.stdin.readline().strip()
+        if not key:
+            print("llm-gateway: no key on standard input", file=sys.stderr)
+            return 2
+        print(hash_key(key))
+        return 0
     try:
         settings = load_settings(args.config, overrides={"host": args.host, "port": args.port})
     except ConfigError as exc:
         print(f"llm-gateway: invalid configuration:\n{exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_file)
     try:
         asyncio.run(serve(settings))
     except ConfigError as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -172,6 +173,64 @@ class BreakerSettings(BaseModel):
     half_open_max_calls: int = Field(default=1, ge=1)
 
 
+class ApiKeySettings(BaseModel):
+    """A gateway API key, stored only as the SHA-256 of the key (`llm-gateway hash-key` prints it).
+
+    `allowed_models`: glob patterns of model names the key may use. `rpm` / `tpm` /
+    `max_concurrent_streams`: this key's limits (default: `rate_limits.default_*`).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=128)
+    owner: str = ""
+    key_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    allowed_models: list[str] = Field(default_factory=lambda: ["*"])
+    rpm: int | None = Field(default=None, ge=1)
+    tpm: int | None = Field(default=None, ge=1)
+    max_concurrent_streams: int | None = Field(default=None, ge=1)
+    expires_at: datetime | None = None
+    disabled: bool = False
+
+
+class AuthSettings(BaseModel):
+    """Gateway authentication. With no keys the server only binds loopback unless `disabled`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    disabled: bool = False
+    keys: list[ApiKeySettings] = Field(default_factory=list)
+
+
+class RateLimitSettings(BaseModel):
+    """Limits per API key (or per client address without auth), in fixed one-minute windows.
+
+    `default_*` apply to keys without their own values and to unauthenticated clients (None: no
+    limit). `output_tokens_reserve`: tokens reserved for the answer when a request sets no
+    `max_output_tokens` (reconciled with real usage afterwards). `fail_open`: when the state backend
+    (Redis) is unreachable, let calls through (logged and counted) instead of refusing them.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    default_rpm: int | None = Field(default=None, ge=1)
+    default_tpm: int | None = Field(default=None, ge=1)
+    default_max_concurrent_streams: int | None = Field(default=None, ge=1)
+    output_tokens_reserve: int = Field(default=1024, ge=0)
+    fail_open: bool = True
+
+
+class CacheSettings(BaseModel):
+    """Exact-match response cache for Chat, ChatStream and Embed, scoped per key owner."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    ttl_s: int = Field(default=300, ge=1, le=30 * 24 * 3600)
+    max_entries: int = Field(default=10_000, ge=1)
+    max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+
+
 class Settings(BaseSettings):
     """Gateway settings. Every field can be set as `LLM_GATEWAY_<FIELD>` or in the YAML file.
 
@@ -193,6 +252,11 @@ class Settings(BaseSettings):
             seconds; a slower deployment counts as failed and the next one is tried.
         stream_idle_timeout_s: longest wait between two stream events once streaming, seconds.
         fallback_to_equivalents: fall back to the catalog's equivalent models by default.
+        auth, rate_limits, cache: interceptor settings (see their classes).
+        redis_url: Redis for shared cache and limits (also read from `REDIS_URL`); None: in memory.
+        redis_timeout_s: socket connect/read bound for Redis calls, seconds.
+        metrics_port: Prometheus HTTP port (0: disabled); metrics_host: its bind address.
+        log_file: also write the JSON log lines to this file.
     """
 
     model_config = SettingsConfigDict(env_prefix="LLM_GATEWAY_", extra="forbid")
@@ -213,6 +277,14 @@ class Settings(BaseSettings):
     attempt_timeout_s: float = Field(default=60.0, gt=0, le=3600)
     stream_idle_timeout_s: float = Field(default=60.0, gt=0, le=3600)
     fallback_to_equivalents: bool = True
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    rate_limits: RateLimitSettings = Field(default_factory=RateLimitSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    redis_url: str | None = None
+    redis_timeout_s: float = Field(default=0.25, gt=0, le=30)
+    metrics_port: int = Field(default=9464, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+    log_file: str | None = None
 
     @model_validator(mode="after")
     def _unique_provider_names(self) -> Settings:
@@ -317,6 +389,8 @@ def load_settings(
     except ValidationError as exc:
         raise ConfigError(_format_errors(str(config_file or "settings"), exc)) from None
     settings = Settings.model_construct(**dict(loaded_settings))
+    if settings.redis_url is None and env.get("REDIS_URL"):
+        settings.redis_url = env["REDIS_URL"]
     configured = {p.name for p in settings.providers}
     settings.providers = [p for p in _env_providers(env) if p.name not in configured] + settings.providers
     return settings

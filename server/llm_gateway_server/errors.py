@@ -32,6 +32,7 @@ class GatewayError(Exception):
         metadata: dynamic values for ErrorInfo.metadata (string to string).
         retry_after_s: delay for RetryInfo, seconds, when a retry can help.
         violations: field violations for BadRequest.
+        quota: (subject, description) pairs for QuotaFailure.
         retryable: whether retrying the same deployment may succeed (429, 5xx, timeouts).
         fallback: whether another deployment may succeed (retryable errors, provider auth
             errors, a deployment missing the model); False for errors that would repeat
@@ -47,6 +48,7 @@ class GatewayError(Exception):
         metadata: Mapping[str, str] | None = None,
         retry_after_s: float | None = None,
         violations: Sequence[FieldViolation] = (),
+        quota: Sequence[tuple[str, str]] = (),
         retryable: bool = False,
         fallback: bool | None = None,
     ) -> None:
@@ -57,6 +59,7 @@ class GatewayError(Exception):
         self.metadata: dict[str, str] = dict(metadata or {})
         self.retry_after_s = retry_after_s
         self.violations = tuple(violations)
+        self.quota = tuple(quota)
         self.retryable = retryable
         self.fallback = retryable if fallback is None else fallback
 

@@ -26,8 +26,24 @@ def redact_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableM
     return event
 
 
-def configure_logging(level: str = "info") -> None:
-    """Configures structlog for JSON lines on stdout at `level` (debug/info/warning/error)."""
+class _Tee:
+    """Writes log lines to stdout and to a file."""
+
+    def __init__(self, path: str) -> None:
+        self._file = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - lives as long as the process
+
+    def write(self, text: str) -> int:
+        sys.stdout.write(text)
+        return self._file.write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+        self._file.flush()
+
+
+def configure_logging(level: str = "info", log_file: str | None = None) -> None:
+    """Configures structlog for JSON lines on stdout (and `log_file`, if given) at `level`
+    (debug/info/warning/error)."""
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -38,6 +54,6 @@ def configure_logging(level: str = "info") -> None:
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.WriteLoggerFactory(file=sys.stdout),
+        logger_factory=structlog.WriteLoggerFactory(file=_Tee(log_file) if log_file else sys.stdout),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )

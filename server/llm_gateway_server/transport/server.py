@@ -12,6 +12,7 @@ import os
 import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import structlog
@@ -21,7 +22,11 @@ from grpc_reflection.v1alpha import reflection
 from llm_gateway.v1 import llm_gateway_pb2 as pb
 from llm_gateway.v1 import llm_gateway_pb2_grpc as pb_grpc
 
-from ..config import Settings
+from ..config import ConfigError, Settings
+from ..interceptors.auth import AuthInterceptor
+from ..interceptors.cache import CacheInterceptor
+from ..interceptors.observability import ObservabilityInterceptor
+from ..interceptors.ratelimit import RateLimitInterceptor
 from ..providers.registry import ProviderRegistry, build_registry
 from ..routing.attempts import Executor, ExecutorSettings
 from ..routing.breaker import BreakerState
@@ -30,6 +35,10 @@ from ..routing.models import ModelDirectory
 from ..routing.resolver import Deployment, Resolver
 from ..routing.router import Router
 from ..routing.state import DeploymentStates
+from ..state.base import CacheBackend, RateLimitBackend
+from ..state.memory import MemoryCache, MemoryRateLimits
+from ..state.redis_backend import RedisCache, RedisRateLimits
+from ..telemetry.metrics import BREAKER_STATE_VALUES, Metrics
 from .servicer import LLMGatewayServicer
 
 log = structlog.get_logger(__name__)
@@ -79,12 +88,74 @@ class RunningServer:
     registry: ProviderRegistry
     port: int
     grace_period_s: float
+    metrics: Metrics | None = None
+    backends: tuple[RateLimitBackend | CacheBackend, ...] = ()
 
     async def stop(self) -> None:
         """Drains: health NOT_SERVING, stop accepting, wait up to the grace period, close clients."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.grace_period_s)
         await self.registry.aclose()
+        for backend in self.backends:
+            await backend.aclose()
+        if self.metrics is not None:
+            self.metrics.stop()
+
+
+_LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+def _interceptors(settings: Settings, metrics: Metrics | None) -> tuple[list[grpc.aio.ServerInterceptor], list[Any]]:
+    """The chain, outermost first (observability → auth → rate limit → cache), and the backends.
+
+    Raises:
+        ConfigError: no API keys, auth not disabled, and a non-loopback bind address.
+    """
+    chain: list[grpc.aio.ServerInterceptor] = [ObservabilityInterceptor(metrics, settings.log_content)]
+    backends: list[Any] = []
+    auth = settings.auth
+    if auth.keys and not auth.disabled:
+        chain.append(AuthInterceptor(auth.keys))
+        log.info("auth", mode="api_keys", keys=len(auth.keys))
+    elif auth.disabled:
+        log.warning("auth", mode="disabled", note="auth.disabled is set: every client is anonymous")
+    elif settings.host not in _LOOPBACK:
+        raise ConfigError(
+            f"no API keys configured (auth.keys): refusing to serve on {settings.host}; configure keys, "
+            "bind a loopback address, or set auth.disabled: true"
+        )
+    else:
+        log.info("auth", mode="loopback_only", note="no API keys configured: serving on loopback only")
+    limits = settings.rate_limits
+    has_limits = any(
+        v is not None for v in (limits.default_rpm, limits.default_tpm, limits.default_max_concurrent_streams)
+    )
+    has_limits = has_limits or any(k.rpm or k.tpm or k.max_concurrent_streams for k in auth.keys)
+    if has_limits:
+        rate_backend: RateLimitBackend = (
+            RedisRateLimits(settings.redis_url, settings.redis_timeout_s) if settings.redis_url else MemoryRateLimits()
+        )
+        backends.append(rate_backend)
+        chain.append(
+            RateLimitInterceptor(
+                rate_backend, limits, auth.keys, metrics, settings.default_deadline_s + settings.grace_period_s
+            )
+        )
+    if settings.cache.enabled:
+        cache_backend: CacheBackend = (
+            RedisCache(settings.redis_url, settings.redis_timeout_s)
+            if settings.redis_url
+            else MemoryCache(settings.cache.max_entries, settings.cache.max_bytes)
+        )
+        backends.append(cache_backend)
+        chain.append(CacheInterceptor(cache_backend, settings.cache, metrics))
+    log.info(
+        "state",
+        backend="redis" if settings.redis_url else "memory",
+        rate_limits=has_limits,
+        cache=settings.cache.enabled,
+    )
+    return chain, backends
 
 
 async def start_server(settings: Settings, environ: Mapping[str, str] | None = None) -> RunningServer:
@@ -109,12 +180,20 @@ async def start_server(settings: Settings, environ: Mapping[str, str] | None = N
     directory = ModelDirectory(catalog, registry, ttl_s=settings.models_list_ttl_s, states=states)
     servicer = LLMGatewayServicer(router, directory, settings.default_deadline_s)
 
+    metrics = Metrics() if settings.metrics_port else None
+    if metrics is not None:
+        states.subscribe(lambda d, state: metrics.breaker.labels(d.key).set(BREAKER_STATE_VALUES[state.value]))
+    try:
+        chain, backends = _interceptors(settings, metrics)
+    except ConfigError:
+        await registry.aclose()
+        raise
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(options=options)
+    server = grpc.aio.server(options=options, interceptors=chain)
     pb_grpc.add_LLMGatewayServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -127,6 +206,8 @@ async def start_server(settings: Settings, environ: Mapping[str, str] | None = N
         await registry.aclose()
         raise RuntimeError(f"cannot bind {address}")
     await server.start()
+    if metrics is not None:
+        metrics.serve(settings.metrics_host, settings.metrics_port)
     for name in ("", SERVICE_NAME, *(f"provider/{p}" for p in registry.names())):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     states.subscribe(_BreakerHealth(health_servicer, states, registry).on_change)
@@ -135,8 +216,9 @@ async def start_server(settings: Settings, environ: Mapping[str, str] | None = N
         address=f"{settings.host}:{port}",
         providers=list(registry.names()),
         catalog_models=len(catalog.all()),
+        metrics=f"http://{settings.metrics_host}:{settings.metrics_port}/metrics" if metrics else "off",
     )
-    return RunningServer(server, health_servicer, registry, port, settings.grace_period_s)
+    return RunningServer(server, health_servicer, registry, port, settings.grace_period_s, metrics, tuple(backends))
 
 
 async def serve(settings: Settings) -> None:

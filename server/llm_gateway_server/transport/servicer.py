@@ -26,6 +26,7 @@ from ..errors import GatewayError
 from ..routing.models import ModelDirectory
 from ..routing.router import CallContext, Router
 from . import convert, validation
+from .call import current_call
 from .status import abort
 
 log = structlog.get_logger(__name__)
@@ -44,23 +45,14 @@ def _rpc(handler: F) -> F:
     """Wraps a handler `(self, request, context, ctx)` for unary or streaming RPCs."""
 
     def begin(self: LLMGatewayServicer, context: grpc.aio.ServicerContext) -> CallContext:
-        request_id = _request_id(context)
+        record = current_call.get()
+        request_id = record.request_id if record is not None else _request_id(context)
         remaining = context.time_remaining()
         budget = self.default_deadline_s if remaining is None else min(remaining, self.default_deadline_s)
         return CallContext(request_id=request_id, deadline=asyncio.get_running_loop().time() + budget)
 
     async def fail(context: grpc.aio.ServicerContext, ctx: CallContext, exc: Exception) -> None:
-        if isinstance(exc, GatewayError):
-            if exc.code in ("INTERNAL", "UNAVAILABLE", "DEADLINE_EXCEEDED"):
-                log.warning(
-                    "rpc_failed",
-                    method=handler.__name__,
-                    request_id=ctx.request_id,
-                    code=exc.code,
-                    reason=exc.reason,
-                    error=exc.message,
-                    **exc.metadata,
-                )
+        if isinstance(exc, GatewayError):  # the interceptor's rpc log line carries its details
             await abort(context, exc, ctx.request_id)
         log.error("rpc_bug", method=handler.__name__, request_id=ctx.request_id, exc_info=exc)
         await abort(

@@ -12,6 +12,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from ..errors import ERROR_DOMAIN, GatewayError
+from .call import current_call
 
 
 def to_status(error: GatewayError, request_id: str) -> grpc.Status:
@@ -31,6 +32,13 @@ def to_status(error: GatewayError, request_id: str) -> grpc.Status:
         packed = any_pb2.Any()
         packed.Pack(retry)
         details.append(packed)
+    if error.quota:
+        quota = error_details_pb2.QuotaFailure(
+            violations=[error_details_pb2.QuotaFailure.Violation(subject=s, description=d) for s, d in error.quota]
+        )
+        packed = any_pb2.Any()
+        packed.Pack(quota)
+        details.append(packed)
     if error.violations:
         bad = error_details_pb2.BadRequest(
             field_violations=[
@@ -45,8 +53,18 @@ def to_status(error: GatewayError, request_id: str) -> grpc.Status:
     return rpc_status.to_status(status)
 
 
-async def abort(context: grpc.aio.ServicerContext, error: GatewayError, request_id: str) -> None:
-    """Ends the call with `error` (raises, as `context.abort` does)."""
+async def abort(
+    context: grpc.aio.ServicerContext,
+    error: GatewayError,
+    request_id: str,
+    extra_trailers: tuple[tuple[str, str], ...] = (),
+) -> None:
+    """Ends the call with `error` (raises, as `context.abort` does); the outcome is noted on the
+    call record for the logging interceptor."""
+    call = current_call.get()
+    if call is not None:
+        call.code, call.reason = error.code, error.reason
+        call.error = error
     status = to_status(error, request_id)
-    trailers = (*status.trailing_metadata, ("x-request-id", request_id))
+    trailers = (*status.trailing_metadata, ("x-request-id", request_id), *extra_trailers)
     await context.abort(status.code, status.details, trailers)

@@ -1,0 +1,109 @@
+"""Authentication: `authorization: Bearer <key>` or `x-api-key: <key>` metadata, checked against
+configured keys stored only as SHA-256 hashes (compared in constant time). Per key: expiry,
+disabled flag and allowed model globs. The key itself is never logged or echoed."""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import hmac
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+
+from ..config import ApiKeySettings
+from ..errors import GatewayError
+from ..transport.call import current_call
+from ..transport.status import abort
+from .base import GatewayInterceptor, StreamBehavior, UnaryBehavior
+
+
+def hash_key(key: str) -> str:
+    """The SHA-256 hex digest under which a key is configured (`key_sha256`)."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def presented_key(metadata: Sequence[tuple[str, Any]] | None) -> str | None:
+    """The key from `authorization: Bearer …` or `x-api-key`, or None."""
+    for name, value in metadata or ():
+        if not isinstance(value, str):
+            continue
+        if name == "authorization" and value[:7].lower() == "bearer ":
+            return value[7:].strip() or None
+        if name == "x-api-key":
+            return value.strip() or None
+    return None
+
+
+def _unauthenticated(reason: str, message: str, key_id: str = "") -> GatewayError:
+    return GatewayError("UNAUTHENTICATED", reason, message, metadata={"key_id": key_id} if key_id else {})
+
+
+class AuthInterceptor(GatewayInterceptor):
+    """Authenticates every non-exempt call and checks the requested model against the key's globs."""
+
+    def __init__(self, keys: Sequence[ApiKeySettings]) -> None:
+        super().__init__()
+        self._by_hash = {k.key_sha256: k for k in keys}
+
+    def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any], request: Any) -> ApiKeySettings:
+        key = presented_key(context.invocation_metadata())
+        if key is None:
+            raise _unauthenticated(
+                "API_KEY_INVALID", "missing API key: send `authorization: Bearer <key>` or `x-api-key`"
+            )
+        digest = hash_key(key)
+        entry = self._by_hash.get(digest)
+        if entry is None or not hmac.compare_digest(entry.key_sha256, digest):
+            raise _unauthenticated("API_KEY_INVALID", "the API key is not valid")
+        if entry.disabled:
+            raise GatewayError(
+                "PERMISSION_DENIED",
+                "API_KEY_DISABLED",
+                f"API key {entry.id!r} is disabled",
+                metadata={"key_id": entry.id},
+            )
+        if entry.expires_at is not None and entry.expires_at.astimezone(UTC) <= datetime.now(UTC):
+            raise _unauthenticated(
+                "API_KEY_EXPIRED", f"API key {entry.id!r} expired at {entry.expires_at.isoformat()}", entry.id
+            )
+        models = [getattr(request, "model", "")] if getattr(request, "model", "") else []
+        routing = getattr(request, "routing", None)
+        if routing is not None:
+            models.extend(routing.fallback_models)
+        for model in models:
+            if not any(fnmatch.fnmatchcase(model, pattern) for pattern in entry.allowed_models):
+                raise GatewayError(
+                    "PERMISSION_DENIED",
+                    "MODEL_NOT_ALLOWED",
+                    f"API key {entry.id!r} may not use model {model!r}",
+                    metadata={"key_id": entry.id, "model": model},
+                )
+        return entry
+
+    async def _admit(self, context: grpc.aio.ServicerContext[Any, Any], request: Any) -> bool:
+        record = current_call.get()
+        request_id = record.request_id if record else ""
+        try:
+            entry = self._authenticate(context, request)
+        except GatewayError as error:
+            await abort(context, error, request_id)
+            return False
+        if record is not None:
+            record.key_id, record.owner, record.scope = entry.id, entry.owner or entry.id, f"key:{entry.id}"
+        return True
+
+    async def unary(
+        self, inner: UnaryBehavior, request: Any, context: grpc.aio.ServicerContext[Any, Any], method: str
+    ) -> Any:
+        await self._admit(context, request)
+        return await inner(request, context)
+
+    async def stream(
+        self, inner: StreamBehavior, request: Any, context: grpc.aio.ServicerContext[Any, Any], method: str
+    ) -> AsyncIterator[Any]:
+        await self._admit(context, request)
+        async for item in inner(request, context):
+            yield item

@@ -1,0 +1,84 @@
+"""One base class for interceptors that wrap unary and server-streaming handlers alike.
+
+Subclasses implement `unary(inner, request, context, method)` and `stream(...)` (an async
+generator). Wrapped handlers are built once per method and reused. Health and reflection calls
+pass through untouched (health's `Watch` writes with `context.write`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+EXEMPT_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
+UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+StreamBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
+
+
+class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Base class: wraps the handler of every non-exempt method (see module docstring)."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or method.startswith(EXEMPT_PREFIXES):
+            return handler
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        if handler.unary_unary is not None:
+            inner_unary: UnaryBehavior = handler.unary_unary
+
+            async def unary_behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                return await self.unary(inner_unary, request, context, method)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_behavior,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            inner_stream: StreamBehavior = handler.unary_stream
+
+            async def stream_behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+                async for item in self.stream(inner_stream, request, context, method):
+                    yield item
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream_behavior,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    async def unary(
+        self, inner: UnaryBehavior, request: Any, context: grpc.aio.ServicerContext[Any, Any], method: str
+    ) -> Any:
+        """Wraps a unary call; the default passes through."""
+        return await inner(request, context)
+
+    async def stream(
+        self, inner: StreamBehavior, request: Any, context: grpc.aio.ServicerContext[Any, Any], method: str
+    ) -> AsyncIterator[Any]:
+        """Wraps a server-streaming call; the default passes through."""
+        async for item in inner(request, context):
+            yield item
+
+
+def method_name(method: str) -> str:
+    """`/pkg.Service/Chat` → `Chat`."""
+    return method.rsplit("/", 1)[-1]

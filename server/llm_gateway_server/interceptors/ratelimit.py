@@ -1,0 +1,218 @@
+"""Rate limits per API key (or per client address without auth): requests per minute, tokens per
+minute (an estimate of input + maximum output is reserved before the call and reconciled with the
+real usage after it), and concurrent streams.
+
+Refusals are RESOURCE_EXHAUSTED / RATE_LIMIT_EXCEEDED with `RetryInfo` (until the window resets)
+and `QuotaFailure`; allowed calls carry `x-ratelimit-*` initial metadata. When the backend is
+unreachable the call goes through (fail-open, default) or is refused UNAVAILABLE /
+RATE_LIMITER_UNAVAILABLE (fail-closed); either way it is logged and counted, never a hang.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import grpc
+import structlog
+
+from ..config import ApiKeySettings, RateLimitSettings
+from ..errors import GatewayError
+from ..providers.tokens import TOKENS_PER_MESSAGE, estimate_tokens
+from ..state.base import BackendUnavailableError, RateLimitBackend, Reservation
+from ..telemetry.metrics import Metrics
+from ..transport.call import CallRecord, current_call
+from ..transport.status import abort
+from .base import GatewayInterceptor, StreamBehavior, UnaryBehavior
+
+log = structlog.get_logger(__name__)
+
+
+def peer_scope(peer: str) -> str:
+    """`ipv4:127.0.0.1:5000` → `peer:127.0.0.1` (the client address without its port)."""
+    kind, _, rest = peer.partition(":")
+    host = rest.rsplit(":", 1)[0] if kind in ("ipv4", "ipv6") else peer
+    return f"peer:{host}"
+
+
+def estimate_request_tokens(request: Any, output_reserve: int) -> int:
+    """Tokens a request may use: its text at ~4 chars/token plus framing, plus the output limit
+    (or `output_reserve` when it sets none). Embed: the inputs only. Other calls: 0."""
+    if hasattr(request, "messages") and hasattr(request, "generation"):
+        text = sum(len(p.text) for m in request.messages for p in m.content)
+        generation = request.generation
+        output = generation.max_output_tokens if generation.HasField("max_output_tokens") else output_reserve
+        return estimate_tokens(text) + TOKENS_PER_MESSAGE * len(request.messages) + output
+    if hasattr(request, "inputs"):
+        return sum(estimate_tokens(len(t)) for t in request.inputs)
+    return 0
+
+
+def _usage_tokens(message: Any) -> int | None:
+    body = message.final if hasattr(message, "final") and message.WhichOneof("event") == "final" else message
+    usage = getattr(body, "usage", None)
+    return None if usage is None else int(usage.total_tokens)
+
+
+class RateLimitInterceptor(GatewayInterceptor):
+    """Enforces per-scope limits with a `RateLimitBackend` (in memory or Redis).
+
+    Args:
+        backend: the counters.
+        settings: defaults and failure policy.
+        keys: configured API keys (their own limits override the defaults).
+        metrics: rejections and backend failures are counted here.
+        stream_max_age_s: how long an open-stream entry may live (bounds leaks from crashes).
+    """
+
+    def __init__(
+        self,
+        backend: RateLimitBackend,
+        settings: RateLimitSettings,
+        keys: Sequence[ApiKeySettings],
+        metrics: Metrics | None,
+        stream_max_age_s: float,
+    ) -> None:
+        super().__init__()
+        self._backend = backend
+        self._settings = settings
+        self._keys = {k.id: k for k in keys}
+        self._metrics = metrics
+        self._stream_max_age_s = stream_max_age_s
+
+    def _limits(self, record: CallRecord) -> tuple[int | None, int | None, int | None]:
+        key = self._keys.get(record.key_id)
+        s = self._settings
+        rpm = key.rpm if key and key.rpm is not None else s.default_rpm
+        tpm = key.tpm if key and key.tpm is not None else s.default_tpm
+        streams = (
+            key.max_concurrent_streams
+            if key and key.max_concurrent_streams is not None
+            else s.default_max_concurrent_streams
+        )
+        return rpm, tpm, streams
+
+    async def _backend_failed(
+        self, context: grpc.aio.ServicerContext[Any, Any], record: CallRecord, exc: BackendUnavailableError
+    ) -> None:
+        action = "fail_open" if self._settings.fail_open else "fail_closed"
+        log.warning("rate_limit_backend_unavailable", action=action, error=str(exc), request_id=record.request_id)
+        if self._metrics is not None:
+            self._metrics.backend_errors.labels("rate_limit", action).inc()
+        if not self._settings.fail_open:
+            await abort(
+                context,
+                GatewayError(
+                    "UNAVAILABLE",
+                    "RATE_LIMITER_UNAVAILABLE",
+                    "the rate-limit backend is unavailable; try again shortly",
+                    retry_after_s=1.0,
+                ),
+                record.request_id,
+            )
+
+    async def _reject(
+        self, context: grpc.aio.ServicerContext[Any, Any], record: CallRecord, limit: str, value: int, reset_s: float
+    ) -> None:
+        if self._metrics is not None:
+            self._metrics.rate_limited.labels(limit).inc()
+        what = {"requests": "requests per minute", "tokens": "tokens per minute", "streams": "concurrent streams"}[
+            limit
+        ]
+        error = GatewayError(
+            "RESOURCE_EXHAUSTED",
+            "RATE_LIMIT_EXCEEDED",
+            f"rate limit of {value} {what} reached for {record.scope}",
+            metadata={"limit": limit, "limit_value": str(value), "scope": record.scope},
+            retry_after_s=reset_s,
+            quota=[(record.scope, f"{value} {what}")],
+        )
+        await abort(context, error, record.request_id)
+
+    async def _reserve(
+        self, context: grpc.aio.ServicerContext[Any, Any], request: Any
+    ) -> tuple[CallRecord, Reservation | None]:
+        record = current_call.get()
+        assert record is not None, "the observability interceptor runs first"
+        if not record.scope:
+            record.scope = peer_scope(record.peer)
+        rpm, tpm, _ = self._limits(record)
+        if rpm is None and tpm is None:
+            return record, None
+        tokens = estimate_request_tokens(request, self._settings.output_tokens_reserve)
+        try:
+            reservation = await self._backend.acquire(record.scope, rpm, tpm, tokens)
+        except BackendUnavailableError as exc:
+            await self._backend_failed(context, record, exc)
+            return record, None
+        if not reservation.allowed:
+            limit_value = rpm if reservation.exceeded == "requests" else tpm
+            assert limit_value is not None
+            await self._reject(context, record, reservation.exceeded, limit_value, reservation.reset_s)
+        headers: list[tuple[str, str]] = []
+        if rpm is not None:
+            headers += [
+                ("x-ratelimit-limit-requests", str(rpm)),
+                ("x-ratelimit-remaining-requests", str(max(rpm - reservation.requests, 0))),
+                ("x-ratelimit-reset-requests", f"{reservation.reset_s:.3f}s"),
+            ]
+        if tpm is not None:
+            headers += [
+                ("x-ratelimit-limit-tokens", str(tpm)),
+                ("x-ratelimit-remaining-tokens", str(max(tpm - reservation.tokens, 0))),
+                ("x-ratelimit-reset-tokens", f"{reservation.reset_s:.3f}s"),
+            ]
+        await context.send_initial_metadata(headers)
+        return record, reservation
+
+    async def _reconcile(self, record: CallRecord, reservation: Reservation | None, actual: int | None) -> None:
+        if reservation is None:
+            return
+        try:
+            await self._backend.reconcile(record.scope, reservation, actual or 0)
+        except BackendUnavailableError as exc:
+            log.warning("rate_limit_reconcile_failed", error=str(exc), request_id=record.request_id)
+            if self._metrics is not None:
+                self._metrics.backend_errors.labels("rate_limit", "reconcile_skipped").inc()
+
+    async def unary(
+        self, inner: UnaryBehavior, request: Any, context: grpc.aio.ServicerContext[Any, Any], method: str
+    ) -> Any:
+        record, reservation = await self._reserve(context, request)
+        actual: int | None = None
+        try:
+            response = await inner(request, context)
+            actual = _usage_tokens(response)
+            return response
+        finally:
+            await self._reconcile(record, reservation, actual)
+
+    async def stream(
+        self, inner: StreamBehavior, request: Any, context: grpc.aio.ServicerContext[Any, Any], method: str
+    ) -> AsyncIterator[Any]:
+        record, reservation = await self._reserve(context, request)
+        _, _, max_streams = self._limits(record)
+        registered = False
+        if max_streams is not None:
+            try:
+                registered = await self._backend.open_stream(
+                    record.scope, record.request_id, max_streams, self._stream_max_age_s
+                )
+                if not registered:
+                    await self._reconcile(record, reservation, 0)
+                    await self._reject(context, record, "streams", max_streams, 1.0)
+            except BackendUnavailableError as exc:
+                await self._backend_failed(context, record, exc)
+        actual: int | None = None
+        try:
+            async for message in inner(request, context):
+                if message.WhichOneof("event") == "final":
+                    actual = _usage_tokens(message)
+                yield message
+        finally:
+            await self._reconcile(record, reservation, actual)
+            if registered:
+                try:
+                    await self._backend.close_stream(record.scope, record.request_id)
+                except BackendUnavailableError as exc:
+                    log.warning("rate_limit_stream_release_failed", error=str(exc), request_id=record.request_id)
