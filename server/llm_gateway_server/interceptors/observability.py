@@ -36,6 +36,7 @@ class _Outcome:
         "attempts",
         "cache_hit",
         "cost",
+        "failed",
         "fallback",
         "input_tokens",
         "model",
@@ -52,6 +53,7 @@ class _Outcome:
         self.cost = self.upstream_s = 0.0
         self.ttft_s: float | None = None
         self.cache_hit = self.fallback = False
+        self.failed: list[tuple[str, str]] = []  # (provider, reason) of failed attempts before the answer
 
     def observe(self, message: Any) -> None:
         """Reads a ChatResponse, EmbedResponse or the final ChatStreamResponse."""
@@ -66,6 +68,7 @@ class _Outcome:
         self.attempts = len(body.attempts)
         self.upstream_s = sum(a.latency_ms for a in body.attempts) / 1000.0
         self.fallback = len({(a.provider, a.model) for a in body.attempts}) > 1
+        self.failed = [(a.provider, a.error_reason) for a in body.attempts if a.error_reason and a.latency_ms > 0]
 
 
 class ObservabilityInterceptor(GatewayInterceptor):
@@ -173,6 +176,9 @@ class ObservabilityInterceptor(GatewayInterceptor):
             m.cost.labels(model, provider).inc(outcome.cost)
         if outcome.fallback:
             m.fallbacks.labels(name).inc()
+        if not outcome.cache_hit:
+            for provider_name, reason in outcome.failed:
+                m.provider_errors.labels(provider_name, reason).inc()
         error = record.error
         if error is not None and error.metadata.get("provider"):
             m.provider_errors.labels(error.metadata["provider"], error.reason).inc()
