@@ -17,7 +17,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     LLM_GATEWAY_HOST=0.0.0.0 \
     LLM_GATEWAY_PORT=50051
 USER gateway
-EXPOSE 50051
+EXPOSE 50051 9464
 # gRPC health check (grpc.health.v1) with the installed grpcio-health-checking; no extra binary.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 CMD \
   python -c "import grpc,sys; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; \

@@ -259,7 +259,7 @@ class Settings(BaseSettings):
         log_file: also write the JSON log lines to this file.
     """
 
-    model_config = SettingsConfigDict(env_prefix="LLM_GATEWAY_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix="LLM_GATEWAY_", env_nested_delimiter="__", extra="forbid")
 
     host: str = "127.0.0.1"
     port: int = Field(default=50051, ge=0, le=65535)

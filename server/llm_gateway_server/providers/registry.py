@@ -8,9 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from ..config import NO_KEY_PLACEHOLDER, ConfigError, ProviderSettings
-from .anthropic_adapter import AnthropicProvider
 from .base import Provider
-from .groq_adapter import GroqProvider
 from .ollama_adapter import OllamaProvider
 from .openai_adapter import OpenAIProvider
 
@@ -49,6 +47,9 @@ def _keyed(settings: ProviderSettings, environ: Mapping[str, str]) -> str:
 
 
 def _anthropic(settings: ProviderSettings, environ: Mapping[str, str]) -> Provider:
+    # Imported on demand: the anthropic SDK takes ~2 s to import, paid only when configured.
+    from .anthropic_adapter import AnthropicProvider  # noqa: PLC0415
+
     return AnthropicProvider(
         settings.name,
         api_key=_keyed(settings, environ),
@@ -59,6 +60,8 @@ def _anthropic(settings: ProviderSettings, environ: Mapping[str, str]) -> Provid
 
 
 def _groq(settings: ProviderSettings, environ: Mapping[str, str]) -> Provider:
+    from .groq_adapter import GroqProvider  # noqa: PLC0415 - imported only when configured
+
     return GroqProvider(
         settings.name,
         api_key=_keyed(settings, environ),

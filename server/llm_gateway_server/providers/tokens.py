@@ -13,8 +13,10 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-import bpe_openai
+if TYPE_CHECKING:
+    import bpe_openai
 
 from ..domain import ChatRequest, Message, TokenCount, TokenCountMethod
 
@@ -69,6 +71,8 @@ def openai_encoding_name(model: str) -> str | None:
 
 @functools.cache
 def _encoding(name: str) -> bpe_openai.Encoding:
+    import bpe_openai  # noqa: PLC0415 - loading the encodings takes ~1 s: only when first needed
+
     return bpe_openai.get_encoding(name)
 
 
