@@ -12,6 +12,7 @@ from .config import ConfigError, load_settings
 from .interceptors.auth import hash_key
 from .telemetry.logging import configure_logging
 from .transport.server import serve
+from .workers import run_workers
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,6 +24,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--host", help="bind address (default 127.0.0.1, or LLM_GATEWAY_HOST)")
     run.add_argument("--port", type=int, help="gRPC port (default 50051, or LLM_GATEWAY_PORT; 0 picks a free port)")
     run.add_argument("--config", type=Path, help="YAML settings file (providers, models, limits)")
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes sharing the port with SO_REUSEPORT (default 1); worker i serves metrics "
+        "on metrics_port + i",
+    )
     commands.add_parser("hash-key", help="read an API key on stdin, print its key_sha256 for the config file")
     return parser
 
@@ -44,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"llm-gateway: invalid configuration:\n{exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_file)
+    if args.workers > 1:
+        return run_workers(args.workers, argv if argv is not None else sys.argv[1:], settings)
     try:
         asyncio.run(serve(settings))
     except ConfigError as exc:

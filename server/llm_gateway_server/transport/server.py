@@ -191,7 +191,8 @@ async def start_server(settings: Settings, environ: Mapping[str, str] | None = N
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
-        ("grpc.so_reuseport", 0),
+        # Off unless --workers asked for it: a second gateway on a busy port must fail, not share it.
+        ("grpc.so_reuseport", 1 if os.environ.get("LLM_GATEWAY_REUSE_PORT") == "1" else 0),
     ]
     server = grpc.aio.server(options=options, interceptors=chain)
     pb_grpc.add_LLMGatewayServiceServicer_to_server(servicer, server)
