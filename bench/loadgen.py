@@ -1,0 +1,169 @@
+"""Load generation: fixed concurrency, bounded by count and time, through the generated gRPC stubs
+(the gateway) or the official openai SDK (the direct call to the upstream: the zero-overhead limit).
+
+Results are latencies (s) and, for streams, times to first token (s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import grpc
+import openai
+
+from llm_gateway.v1 import llm_gateway_pb2 as pb
+from llm_gateway.v1 import llm_gateway_pb2_grpc as pb_grpc
+
+
+@dataclass
+class Result:
+    """What one run measured."""
+
+    latencies: list[float] = field(default_factory=list)
+    ttfts: list[float] = field(default_factory=list)
+    errors: int = 0
+    elapsed_s: float = 0.0
+
+    @property
+    def calls(self) -> int:
+        return len(self.latencies)
+
+    def pct(self, q: float, values: list[float] | None = None) -> float:
+        """The q-quantile (0..1) in milliseconds."""
+        data = sorted(self.latencies if values is None else values)
+        if not data:
+            return float("nan")
+        return data[min(int(q * len(data)), len(data) - 1)] * 1000.0
+
+    @property
+    def throughput(self) -> float:
+        return self.calls / self.elapsed_s if self.elapsed_s else 0.0
+
+    @property
+    def ttft_p50(self) -> float:
+        return statistics.median(self.ttfts) * 1000.0 if self.ttfts else float("nan")
+
+
+Call = Callable[[int], Awaitable[float | None]]  # returns time to first token for streams
+
+
+async def drive(call: Call, concurrency: int, count: int, max_s: float) -> Result:
+    """Runs `call(i)` with `concurrency` workers until `count` calls or `max_s` seconds."""
+    result = Result()
+    counter = itertools.count()
+    deadline = time.perf_counter() + max_s
+
+    async def worker() -> None:
+        while time.perf_counter() < deadline:
+            i = next(counter)
+            if i >= count:
+                return
+            started = time.perf_counter()
+            try:
+                ttft = await call(i)
+            except Exception:  # noqa: BLE001 - counted, the run goes on
+                result.errors += 1
+                continue
+            result.latencies.append(time.perf_counter() - started)
+            if ttft is not None:
+                result.ttfts.append(ttft - started)
+
+    begin = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    result.elapsed_s = time.perf_counter() - begin
+    return result
+
+
+def _messages(i: int, unique: bool) -> list[pb.Message]:
+    text = f"benchmark prompt {i}" if unique else "benchmark prompt"
+    return [pb.Message(role=pb.ROLE_USER, content=[pb.ContentPart(text=text)])]
+
+
+class GatewayClient:
+    """Calls the gateway through the generated stubs (one channel per client)."""
+
+    def __init__(self, target: str, api_key: str) -> None:
+        self.channel = grpc.aio.insecure_channel(target)
+        self.stub = pb_grpc.LLMGatewayServiceStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {api_key}"),)
+
+    def chat(self, model: str, unique: bool = True) -> Call:
+        async def call(i: int) -> None:
+            await self.stub.Chat(
+                pb.ChatRequest(model=model, messages=_messages(i, unique)), metadata=self.metadata, timeout=30
+            )
+
+        return call
+
+    def stream(self, model: str) -> Call:
+        async def call(i: int) -> float | None:
+            first = None
+            final = False
+            async for event in self.stub.ChatStream(
+                pb.ChatStreamRequest(model=model, messages=_messages(i, True)), metadata=self.metadata, timeout=60
+            ):
+                if first is None:
+                    first = time.perf_counter()
+                final = event.WhichOneof("event") == "final"
+            if not final:
+                raise RuntimeError("stream ended without its final event")
+            return first
+
+        return call
+
+    def embed(self, model: str) -> Call:
+        async def call(i: int) -> None:
+            await self.stub.Embed(
+                pb.EmbedRequest(model=model, inputs=[f"text {i}"]), metadata=self.metadata, timeout=30
+            )
+
+        return call
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class DirectClient:
+    """Calls the upstream directly with the official openai SDK (what the gateway itself does)."""
+
+    def __init__(self, base_url: str) -> None:
+        self.client = openai.AsyncOpenAI(api_key="bench", base_url=base_url, max_retries=0)
+
+    def chat(self) -> Call:
+        async def call(i: int) -> None:
+            await self.client.chat.completions.create(
+                model="bench", messages=[{"role": "user", "content": f"benchmark prompt {i}"}], timeout=30
+            )
+
+        return call
+
+    def stream(self) -> Call:
+        async def call(i: int) -> float | None:
+            first = None
+            stream = await self.client.chat.completions.create(
+                model="bench",
+                messages=[{"role": "user", "content": f"benchmark prompt {i}"}],
+                stream=True,
+                stream_options={"include_usage": True},
+                timeout=60,
+            )
+            async for _ in stream:
+                if first is None:
+                    first = time.perf_counter()
+            return first
+
+        return call
+
+    def embed(self) -> Call:
+        async def call(i: int) -> None:
+            await self.client.embeddings.create(model="bench", input=[f"text {i}"], timeout=30)
+
+        return call
+
+    async def close(self) -> None:
+        await self.client.close()

@@ -1,0 +1,347 @@
+"""`make bench`: the gateway (full interceptor chain: auth, rate limit, cache miss, logging, metrics)
+against the direct call to the same loopback upstream, in one run; writes bench/RESULTS.md.
+
+Gateway CPU comes from the gateway processes' own accounting (/proc/<pid>/stat utime+stime),
+peak RSS from /proc/<pid>/status VmHWM. The load generator runs in this process (uvloop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import math
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from llm_gateway_server.interceptors.auth import hash_key
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loadgen import DirectClient, GatewayClient, Result, drive
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "bench" / ".run"
+API_KEY = "bench-key-0123456789"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of the processes (s), from /proc."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / CLK_TCK
+
+
+def peak_rss_mb(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                total += int(line.split()[1])
+    return total / 1024.0
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+@dataclass
+class Gateway:
+    process: subprocess.Popen[bytes]
+    port: int
+    workers: int
+
+    @property
+    def pids(self) -> list[int]:
+        return children(self.process.pid) if self.workers > 1 else [self.process.pid]
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+async def wait_serving(target: str, timeout_s: float = 30) -> None:
+    async with grpc.aio.insecure_channel(target) as channel:
+        await asyncio.wait_for(channel.channel_ready(), timeout_s)
+        await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+
+
+def start_gateway(name: str, settings: dict[str, Any], env: dict[str, str], workers: int = 1) -> Gateway:
+    port = free_port()
+    config = WORK / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    log = open(WORK / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
+    command = [sys.executable, "-m", "llm_gateway_server", "serve", "--port", str(port), "--config", str(config)]
+    if workers > 1:
+        command += ["--workers", str(workers)]
+    process = subprocess.Popen(command, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+    return Gateway(process, port, workers)
+
+
+def row(
+    label: str,
+    conc: int,
+    gw: Result,
+    direct: Result | None,
+    cpu_s: float | None,
+    rss_mb: float | None,
+    stream_chunks: int = 0,
+) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "scenario": label,
+        "concurrency": conc,
+        "calls": gw.calls,
+        "errors": gw.errors,
+        "p50_ms": gw.pct(0.5),
+        "p90_ms": gw.pct(0.9),
+        "p99_ms": gw.pct(0.99),
+        "throughput": gw.throughput,
+        "cpu_ms_per_call": (cpu_s / gw.calls * 1000.0) if cpu_s is not None and gw.calls else None,
+        "peak_rss_mb": rss_mb,
+    }
+    if gw.ttfts:
+        entry["ttft_p50_ms"] = gw.ttft_p50
+    if stream_chunks and entry["cpu_ms_per_call"] is not None:
+        entry["cpu_us_per_chunk"] = entry["cpu_ms_per_call"] * 1000.0 / stream_chunks
+    if direct is not None:
+        entry.update(
+            direct_p50_ms=direct.pct(0.5),
+            direct_p90_ms=direct.pct(0.9),
+            direct_p99_ms=direct.pct(0.99),
+            direct_throughput=direct.throughput,
+        )
+        if direct.ttfts:
+            entry["direct_ttft_p50_ms"] = direct.ttft_p50
+    return entry
+
+
+async def measure(gateway: Gateway, call: Any, conc: int, count: int, max_s: float) -> tuple[Result, float]:
+    before = cpu_seconds(gateway.pids)
+    result = await drive(call, conc, count, max_s)
+    return result, cpu_seconds(gateway.pids) - before
+
+
+COUNTS = {1: 400, 10: 2000, 50: 4000}
+
+
+async def bench(quick: bool) -> dict[str, Any]:
+    WORK.mkdir(parents=True, exist_ok=True)
+    chunks = 50
+    up_fast, up_slow = free_port(), free_port()
+    upstreams = [
+        subprocess.Popen(
+            [sys.executable, str(ROOT / "bench" / "upstream.py"), "--port", str(up_fast), "--chunks", str(chunks)],
+            stdout=subprocess.DEVNULL,
+        ),
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "bench" / "upstream.py"),
+                "--port",
+                str(up_slow),
+                "--chunks",
+                str(chunks),
+                "--chunk-delay-ms",
+                "40",
+            ],
+            stdout=subprocess.DEVNULL,
+        ),
+    ]
+    redis_port = free_port()
+    redis_server = subprocess.Popen(
+        [shutil.which("redis-server") or "redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    base: dict[str, Any] = {
+        "auth": {"keys": [{"id": "bench", "key_sha256": hash_key(API_KEY)}]},
+        "rate_limits": {"default_rpm": 100_000_000, "default_tpm": 1_000_000_000},
+        "cache": {"enabled": True},
+        "providers": [{"name": "slow", "kind": "openai", "base_url": f"http://127.0.0.1:{up_slow}/v1"}],
+        "retry": {"max_attempts": 1},
+    }
+    env = {"OPENAI_BASE_URL": f"http://127.0.0.1:{up_fast}/v1", "OPENAI_API_KEY": "bench-upstream-key"}
+    g1 = start_gateway("memory", {**base, "metrics_port": free_port()}, env)
+    g2 = start_gateway(
+        "redis", {**base, "metrics_port": free_port(), "redis_url": f"redis://127.0.0.1:{redis_port}/0"}, env
+    )
+    g3 = start_gateway("workers2", {**base, "metrics_port": free_port()}, env, workers=2)
+    rows: list[dict[str, Any]] = []
+    extra: dict[str, Any] = {}
+    try:
+        await asyncio.sleep(1.0)
+        for gateway in (g1, g2, g3):
+            await wait_serving(gateway.target)
+        clients = {g.target: GatewayClient(g.target, API_KEY) for g in (g1, g2, g3)}
+        direct = DirectClient(f"http://127.0.0.1:{up_fast}/v1")
+        c1, c2, c3 = clients[g1.target], clients[g2.target], clients[g3.target]
+        # warm-up: connections, imports, tokenizer-free paths
+        await drive(c1.chat("bench"), 4, 200, 10)
+        await drive(c1.stream("bench"), 4, 50, 10)
+        await drive(c2.chat("bench"), 4, 100, 10)
+        await drive(c3.chat("bench"), 8, 200, 10)
+        await drive(direct.chat(), 4, 100, 10)
+        await drive(c1.chat("bench", unique=False), 1, 5, 5)  # fills the cache entry for the hit scenario
+        concurrencies = [1, 10] if quick else [1, 10, 50]
+        for conc in concurrencies:
+            count = COUNTS[conc] // (4 if quick else 1)
+            max_s = 20.0
+            d_chat = await drive(direct.chat(), conc, count, max_s)
+            gw, cpu = await measure(g1, c1.chat("bench"), conc, count, max_s)
+            rows.append(row("unary chat", conc, gw, d_chat, cpu, peak_rss_mb(g1.pids)))
+            d_stream = await drive(direct.stream(), conc, count // 4, max_s)
+            gw, cpu = await measure(g1, c1.stream("bench"), conc, count // 4, max_s)
+            rows.append(row(f"streamed chat ({chunks} chunks)", conc, gw, d_stream, cpu, peak_rss_mb(g1.pids), chunks))
+            d_embed = await drive(direct.embed(), conc, count, max_s)
+            gw, cpu = await measure(g1, c1.embed("openai/bench"), conc, count, max_s)
+            rows.append(row("embeddings", conc, gw, d_embed, cpu, peak_rss_mb(g1.pids)))
+            gw, cpu = await measure(g1, c1.chat("bench", unique=False), conc, count, max_s)
+            rows.append(row("cache hit (memory)", conc, gw, d_chat, cpu, peak_rss_mb(g1.pids)))
+            gw, cpu = await measure(g2, c2.chat("bench"), conc, count, max_s)
+            rows.append(row("unary chat, rate limit + cache on Redis", conc, gw, d_chat, cpu, peak_rss_mb(g2.pids)))
+            if conc == 50:
+                gw, cpu = await measure(g3, c3.chat("bench"), conc, count, max_s)
+                rows.append(row("unary chat, --workers 2", conc, gw, d_chat, cpu, peak_rss_mb(g3.pids)))
+        # 1000 concurrent open streams (upstream sends 50 chunks 40 ms apart: ~2 s each)
+        streams = 250 if quick else 1000
+        rss_before = peak_rss_mb(g1.pids)
+        opened = await drive(c1.stream("slow/bench"), streams, streams, 120)
+        extra["open_streams"] = {
+            "streams": streams,
+            "completed": opened.calls,
+            "errors": opened.errors,
+            "peak_rss_mb": peak_rss_mb(g1.pids),
+            "peak_rss_before_mb": rss_before,
+            "p50_ms": opened.pct(0.5),
+            "p99_ms": opened.pct(0.99),
+        }
+        for client in clients.values():
+            await client.close()
+        await direct.close()
+    finally:
+        for process in (g1.process, g2.process, g3.process, *upstreams, redis_server):
+            process.terminate()
+        for process in (g1.process, g2.process, g3.process, *upstreams, redis_server):
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    return {"rows": rows, **extra}
+
+
+def machine() -> str:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    mem_gb = int(Path("/proc/meminfo").read_text().split()[1]) / 1024 / 1024
+    python = platform.python_version()
+    return f"{os.cpu_count()} cores ({cpu}), {mem_gb:.0f} GiB, Linux {platform.release()}, Python {python}"
+
+
+def fmt(value: Any, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def write_results(data: dict[str, Any], path: Path) -> None:
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+    lines = [
+        "# Benchmark results",
+        "",
+        f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- commit: {commit}",
+        f"- machine: {machine()} (shared and noisy: compare ratios within this run)",
+        "- gateway: full interceptor chain on (auth, rate limit, cache enabled with misses, JSON logging, metrics);"
+        " loopback upstream bench/upstream.py; load generator in one process (uvloop)",
+        "- direct: the same call with the official openai SDK straight to the upstream (the zero-overhead limit)",
+        "",
+        "| scenario | conc | calls | err | p50 ms | p90 ms | p99 ms | direct p50 / p99 ms | added p50 / p99 ms"
+        " | calls/s (direct) | gateway CPU ms/call | TTFT p50 ms (direct) | CPU µs/chunk | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        added = (
+            f"{fmt(r['p50_ms'] - r['direct_p50_ms'])} / {fmt(r['p99_ms'] - r['direct_p99_ms'])}"
+            if "direct_p50_ms" in r
+            else "–"
+        )
+        lines.append(
+            f"| {r['scenario']} | {r['concurrency']} | {r['calls']} | {r['errors']}"
+            f" | {fmt(r['p50_ms'])} | {fmt(r['p90_ms'])}"
+            f" | {fmt(r['p99_ms'])} | {fmt(r.get('direct_p50_ms'))} / {fmt(r.get('direct_p99_ms'))} | {added}"
+            f" | {fmt(r['throughput'], 0)} ({fmt(r.get('direct_throughput'), 0)}) | {fmt(r['cpu_ms_per_call'], 3)}"
+            f" | {fmt(r.get('ttft_p50_ms'))} ({fmt(r.get('direct_ttft_p50_ms'))}) | {fmt(r.get('cpu_us_per_chunk'), 1)}"
+            f" | {fmt(r['peak_rss_mb'], 0)} |"
+        )
+    streams = data.get("open_streams")
+    if streams:
+        lines += [
+            "",
+            f"Open streams: {streams['streams']} concurrent ChatStream calls (50 chunks, 40 ms apart):"
+            f" {streams['completed']} completed, {streams['errors']} errors, p50 {fmt(streams['p50_ms'])} ms,"
+            f" p99 {fmt(streams['p99_ms'])} ms, gateway peak RSS {fmt(streams['peak_rss_mb'], 0)} MB"
+            f" (before: {fmt(streams['peak_rss_before_mb'], 0)} MB).",
+        ]
+    one = next((r for r in data["rows"] if r["scenario"] == "unary chat" and r["concurrency"] == 50), None)
+    two = next((r for r in data["rows"] if r["scenario"] == "unary chat, --workers 2"), None)
+    if one and two:
+        lines += [
+            "",
+            f"Workers: `--workers 2` served {fmt(two['throughput'], 0)} calls/s at concurrency 50 against"
+            f" {fmt(one['throughput'], 0)} for one worker: {fmt(two['throughput'] / one['throughput'])}×.",
+        ]
+    path.write_text("\n".join(lines) + "\n")
+    (path.parent / "results.json").write_text(json.dumps(data, indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer calls, concurrency 1 and 10 only")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    args = parser.parse_args()
+    try:
+        import uvloop  # noqa: PLC0415 - optional speed-up for the load generator
+
+        uvloop.install()
+    except ImportError:
+        pass
+    started = time.monotonic()
+    data = asyncio.run(bench(args.quick))
+    write_results(data, args.out)
+    print(args.out.read_text())
+    print(f"bench took {time.monotonic() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
