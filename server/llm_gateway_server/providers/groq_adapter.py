@@ -53,11 +53,11 @@ class GroqProvider(OpenAIProvider):
         params.pop("stream_options", None)
         return params, (*warnings, *more)
 
-    def _chunk_usage(self, chunk: Any) -> Usage | None:
+    def _chunk_usage(self, chunk: dict[str, Any]) -> Usage | None:
         """`x_groq.usage` of the final chunk (or a top-level `usage`, should Groq send one)."""
-        x_groq = getattr(chunk, "x_groq", None)
-        usage = getattr(x_groq, "usage", None) or chunk.usage
-        return openai_mapping.usage_from_wire(usage) if usage is not None else None
+        x_groq = chunk.get("x_groq")
+        usage = (x_groq.get("usage") if isinstance(x_groq, dict) else None) or chunk.get("usage")
+        return openai_mapping.usage_from_wire(usage)
 
     async def embed(
         self, model: str, inputs: tuple[str, ...], dimensions: int | None, timeout_s: float

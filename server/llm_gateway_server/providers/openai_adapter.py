@@ -80,63 +80,71 @@ class OpenAIProvider(Provider):
     ) -> tuple[dict[str, Any], tuple[Warning, ...]]:
         return openai_mapping.chat_params(request, model, stream=stream)
 
-    def _chunk_usage(self, chunk: Any) -> Usage | None:
-        """Usage carried by a stream chunk (the `include_usage` chunk), or None."""
-        return openai_mapping.usage_from_wire(chunk.usage) if chunk.usage is not None else None
+    def _chunk_usage(self, chunk: dict[str, Any]) -> Usage | None:
+        """Usage carried by a stream chunk (JSON; the `include_usage` chunk), or None."""
+        return openai_mapping.usage_from_wire(chunk.get("usage"))
 
     def plan_chat(self, request: ChatRequest) -> tuple[Warning, ...]:
         """Warnings for the options this API drops (see `openai_mapping.chat_params`)."""
         return self._chat_params(request, "", stream=False)[1]
 
     async def chat(self, request: ChatRequest, model: str, timeout_s: float) -> ProviderChatResult:
-        """Non-streamed chat; see `Provider.chat`."""
+        """Non-streamed chat; see `Provider.chat`. The SDK builds, sends and checks the request;
+        the body is read as JSON without building the SDK's response models (the hot path)."""
         params, _ = self._chat_params(request, model, stream=False)
-        completion = await self._call(
-            model, timeout_s, lambda: self._client.chat.completions.create(**params, timeout=timeout_s)
+        raw = await self._call(
+            model,
+            timeout_s,
+            lambda: self._client.chat.completions.with_raw_response.create(**params, timeout=timeout_s),
         )
-        if not completion.choices:
-            raise errors.bad_response(self.name, model, "the completion has no choices")
-        choice = completion.choices[0]
-        message = choice.message
-        return ProviderChatResult(
-            model=completion.model or model,
-            text=message.content or "",
-            tool_calls=openai_mapping.tool_calls_from_wire(message.tool_calls),
-            finish_reason=openai_mapping.finish_reason(choice.finish_reason),
-            provider_finish_reason=choice.finish_reason or "",
-            usage=openai_mapping.usage_from_wire(completion.usage),
-            response_id=completion.id or "",
-        )
+        try:
+            return openai_mapping.completion_from_wire(json.loads(raw.http_response.content), model)
+        except (ValueError, AttributeError, TypeError) as exc:
+            raise errors.bad_response(self.name, model, str(exc)) from exc
 
     async def chat_stream(
         self, request: ChatRequest, model: str, timeout_s: float
     ) -> AsyncIterator[ProviderStreamEvent]:
-        """Streamed chat over SSE; see `Provider.chat_stream`."""
+        """Streamed chat over SSE (`data: <json>` lines ending with `data: [DONE]`, reference §1.4);
+        see `Provider.chat_stream`. The SDK sends the request and raises for error statuses; the
+        events are parsed here as JSON (an `error` object inside the stream is an upstream error)."""
         params, _ = self._chat_params(request, model, stream=True)
-        stream = await self._call(
-            model, timeout_s, lambda: self._client.chat.completions.create(**params, timeout=timeout_s)
-        )
+        context = self._client.chat.completions.with_streaming_response.create(**params, timeout=timeout_s)
+        response = await self._call(model, timeout_s, context.__aenter__)
         raw_reason: str | None = None
         usage: Usage | None = None
         response_id = ""
         answered_model = model
         try:
-            async for chunk in stream:
-                response_id = chunk.id or response_id
-                answered_model = chunk.model or answered_model
+            async for line in response.iter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data.startswith("[DONE]"):
+                    break
+                chunk = json.loads(data)
+                if not isinstance(chunk, dict):
+                    raise errors.bad_response(self.name, model, "a stream event is not a JSON object")
+                if chunk.get("error"):
+                    message, code = openai_mapping.error_fields(chunk)
+                    raise errors.from_http_status(self.name, model, -1, message, upstream_code=code)
+                response_id = chunk.get("id") or response_id
+                answered_model = chunk.get("model") or answered_model
                 usage = self._chunk_usage(chunk) or usage
-                for choice in chunk.choices[:1]:
+                choices = chunk.get("choices")
+                if choices:
+                    choice = choices[0]
                     delta = openai_mapping.delta_from_chunk(choice)
                     if delta is not None:
                         yield delta
-                    if choice.finish_reason:
-                        raw_reason = choice.finish_reason
+                    if choice.get("finish_reason"):
+                        raw_reason = choice["finish_reason"]
         except GatewayError:
             raise
-        except Exception as exc:  # the SDK's own and httpx2's errors, mapped in one place
+        except Exception as exc:  # the SDK's own and the HTTP client's errors, mapped in one place
             raise self._map(exc, model, timeout_s) from exc
         finally:
-            await stream.close()
+            await context.__aexit__(None, None, None)
         if raw_reason is None:
             raise errors.bad_response(self.name, model, "the stream ended before a finish reason")
         yield ProviderStreamEnd(

@@ -17,6 +17,7 @@ from ..domain import (
     FinishReason,
     ImagePart,
     Message,
+    ProviderChatResult,
     Role,
     TextPart,
     ToolCall,
@@ -147,46 +148,79 @@ def _tool_to_wire(name: str, description: str, parameters: Mapping[str, Any] | N
     return {"type": "function", "function": function}
 
 
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
 def usage_from_wire(usage: Any) -> Usage | None:
-    """`usage` object of a completion or the last stream chunk → Usage (None when absent)."""
-    if usage is None:
+    """The `usage` object (JSON) of a completion or of the last stream chunk → Usage (None when
+    absent)."""
+    if not isinstance(usage, Mapping):
         return None
-    prompt_details = getattr(usage, "prompt_tokens_details", None)
-    completion_details = getattr(usage, "completion_tokens_details", None)
     return Usage(
-        input_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
-        output_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
-        cached_input_tokens=int(getattr(prompt_details, "cached_tokens", 0) or 0),
-        reasoning_tokens=int(getattr(completion_details, "reasoning_tokens", 0) or 0),
+        input_tokens=int(usage.get("prompt_tokens") or 0),
+        output_tokens=int(usage.get("completion_tokens") or 0),
+        cached_input_tokens=int(_mapping(usage.get("prompt_tokens_details")).get("cached_tokens") or 0),
+        reasoning_tokens=int(_mapping(usage.get("completion_tokens_details")).get("reasoning_tokens") or 0),
     )
 
 
 def tool_calls_from_wire(calls: Any) -> tuple[ToolCall, ...]:
-    """`message.tool_calls` → ToolCall tuple (arguments text passed through)."""
+    """`message.tool_calls` (JSON) → ToolCall tuple (arguments text passed through)."""
     result: list[ToolCall] = []
     for call in calls or ():
-        function = getattr(call, "function", None)
-        if function is None:
+        function = _mapping(_mapping(call).get("function"))
+        if not function:
             continue
-        result.append(ToolCall(id=call.id or "", name=function.name or "", arguments=function.arguments or ""))
+        result.append(
+            ToolCall(
+                id=call.get("id") or "", name=function.get("name") or "", arguments=function.get("arguments") or ""
+            )
+        )
     return tuple(result)
 
 
-def delta_from_chunk(choice: Any) -> ChatDelta | None:
-    """One streamed `choices[0]` → ChatDelta, or None when it carries no content."""
-    delta = choice.delta
-    if delta is None:
-        return None
-    text = delta.content or ""
-    fragments = tuple(
-        ToolCallDelta(
-            index=int(tc.index or 0),
-            id=tc.id or "",
-            name=(tc.function.name or "") if tc.function else "",
-            arguments=(tc.function.arguments or "") if tc.function else "",
-        )
-        for tc in (delta.tool_calls or ())
+def completion_from_wire(data: Any, model: str) -> ProviderChatResult:
+    """A `chat.completion` JSON body → ProviderChatResult.
+
+    Raises:
+        ValueError: the body is not a completion with at least one choice.
+    """
+    choices = _mapping(data).get("choices")
+    if not choices:
+        raise ValueError("the completion has no choices")
+    choice = _mapping(choices[0])
+    message = _mapping(choice.get("message"))
+    raw_reason = choice.get("finish_reason") or ""
+    return ProviderChatResult(
+        model=data.get("model") or model,
+        text=message.get("content") or "",
+        tool_calls=tool_calls_from_wire(message.get("tool_calls")),
+        finish_reason=finish_reason(raw_reason),
+        provider_finish_reason=raw_reason,
+        usage=usage_from_wire(data.get("usage")),
+        response_id=data.get("id") or "",
     )
+
+
+def delta_from_chunk(choice: Mapping[str, Any]) -> ChatDelta | None:
+    """One streamed `choices[0]` (JSON) → ChatDelta, or None when it carries no content."""
+    delta = choice.get("delta")
+    if not delta:
+        return None
+    text = delta.get("content") or ""
+    calls = delta.get("tool_calls")
+    fragments: tuple[ToolCallDelta, ...] = ()
+    if calls:
+        fragments = tuple(
+            ToolCallDelta(
+                index=int(tc.get("index") or 0),
+                id=tc.get("id") or "",
+                name=_mapping(tc.get("function")).get("name") or "",
+                arguments=_mapping(tc.get("function")).get("arguments") or "",
+            )
+            for tc in calls
+        )
     if not text and not fragments:
         return None
     return ChatDelta(text=text, tool_calls=fragments)
