@@ -29,6 +29,8 @@ class GroqProvider(OpenAIProvider):
     kind = "groq"
     supports_embeddings = False
     _sdk: ClassVar[Any] = groq
+    _chat_path: ClassVar[str] = "/openai/v1/chat/completions"
+    _response_type: ClassVar[type] = httpx.Response
 
     def _make_client(self, api_key: str, base_url: str | None, max_connections: int) -> Any:
         return groq.AsyncGroq(

@@ -51,6 +51,9 @@ class OpenAIProvider(Provider):
     kind = "openai"
     # The SDK module whose exception classes `_map` checks (the groq SDK mirrors openai's).
     _sdk: ClassVar[ModuleType] = openai
+    # Chat Completions path under the client's base URL, and the SDK's raw HTTP response class.
+    _chat_path: ClassVar[str] = "/chat/completions"
+    _response_type: ClassVar[type] = httpx2.Response
 
     def __init__(
         self,
@@ -89,16 +92,20 @@ class OpenAIProvider(Provider):
         return self._chat_params(request, "", stream=False)[1]
 
     async def chat(self, request: ChatRequest, model: str, timeout_s: float) -> ProviderChatResult:
-        """Non-streamed chat; see `Provider.chat`. The SDK builds, sends and checks the request;
-        the body is read as JSON without building the SDK's response models (the hot path)."""
+        """Non-streamed chat; see `Provider.chat`. The hot path uses the SDK client's documented
+        low-level `post` (base URL, auth, headers, error statuses, timeout all from the SDK) with the
+        gateway's already-typed body, and reads the answer as JSON: this skips the SDK's per-call
+        parameter transformation and response-model construction (~25% of a call's CPU, bench/)."""
         params, _ = self._chat_params(request, model, stream=False)
         raw = await self._call(
             model,
             timeout_s,
-            lambda: self._client.chat.completions.with_raw_response.create(**params, timeout=timeout_s),
+            lambda: self._client.post(
+                self._chat_path, body=params, cast_to=self._response_type, options={"timeout": timeout_s}
+            ),
         )
         try:
-            return openai_mapping.completion_from_wire(json.loads(raw.http_response.content), model)
+            return openai_mapping.completion_from_wire(json.loads(raw.content), model)
         except (ValueError, AttributeError, TypeError) as exc:
             raise errors.bad_response(self.name, model, str(exc)) from exc
 
