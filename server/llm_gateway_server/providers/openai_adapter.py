@@ -8,6 +8,7 @@ caller's remaining deadline; cancelling the awaiting task closes the upstream HT
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from types import ModuleType
@@ -35,6 +36,20 @@ T = TypeVar("T")
 
 # Inputs per embeddings call. Source: OpenAI API reference, embeddings (max 2048 inputs per call).
 EMBED_BATCH_LIMIT = 2048
+
+
+# After `[DONE]`, how long the rest of the body may take to arrive (reading it to its end keeps the
+# HTTP/1.1 connection in the pool; a server that never ends the body only costs this wait).
+DRAIN_AFTER_DONE_S = 0.25
+
+
+async def _drain(lines: AsyncIterator[str]) -> None:
+    try:
+        async with asyncio.timeout(DRAIN_AFTER_DONE_S):
+            async for _ in lines:
+                pass
+    except TimeoutError:
+        pass
 
 
 class OpenAIProvider(Provider):
@@ -122,12 +137,14 @@ class OpenAIProvider(Provider):
         usage: Usage | None = None
         response_id = ""
         answered_model = model
+        lines = response.iter_lines()
         try:
-            async for line in response.iter_lines():
+            async for line in lines:
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
                 if data.startswith("[DONE]"):
+                    await _drain(lines)
                     break
                 chunk = json.loads(data)
                 if not isinstance(chunk, dict):
