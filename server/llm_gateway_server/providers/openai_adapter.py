@@ -68,6 +68,7 @@ class OpenAIProvider(Provider):
     _sdk: ClassVar[ModuleType] = openai
     # Chat Completions path under the client's base URL, and the SDK's raw HTTP response class.
     _chat_path: ClassVar[str] = "/chat/completions"
+    _embeddings_path: ClassVar[str] = "/embeddings"
     _response_type: ClassVar[type] = httpx2.Response
 
     def __init__(
@@ -182,26 +183,40 @@ class OpenAIProvider(Provider):
     async def embed(
         self, model: str, inputs: tuple[str, ...], dimensions: int | None, timeout_s: float
     ) -> ProviderEmbedResult:
-        """Embeddings in batches of `EMBED_BATCH_LIMIT`; see `Provider.embed`."""
+        """Embeddings in batches of `EMBED_BATCH_LIMIT` through the SDK client's `post`, asking
+        for `encoding_format: float` and reading the JSON answer; see `Provider.embed`."""
         vectors: list[tuple[float, ...]] = []
         input_tokens = 0
         answered_model = model
-        extra: dict[str, Any] = {} if dimensions is None else {"dimensions": dimensions}
         for start in range(0, len(inputs), EMBED_BATCH_LIMIT):
-            batch = list(inputs[start : start + EMBED_BATCH_LIMIT])
-            result = await self._call(
+            body: dict[str, Any] = {
+                "model": model,
+                "input": list(inputs[start : start + EMBED_BATCH_LIMIT]),
+                "encoding_format": "float",
+            }
+            if dimensions is not None:
+                body["dimensions"] = dimensions
+            raw = await self._call(
                 model,
                 timeout_s,
-                lambda batch=batch: self._client.embeddings.create(
-                    model=model, input=batch, timeout=timeout_s, **extra
-                ),  # type: ignore[misc]
+                lambda body=body: self._client.post(  # type: ignore[misc]
+                    self._embeddings_path, body=body, cast_to=self._response_type, options={"timeout": timeout_s}
+                ),
             )
-            ordered = sorted(result.data, key=lambda d: d.index)
-            if len(ordered) != len(batch):
-                raise errors.bad_response(self.name, model, f"{len(ordered)} vectors for {len(batch)} inputs")
-            vectors.extend(tuple(float(x) for x in d.embedding) for d in ordered)
-            input_tokens += int(getattr(result.usage, "prompt_tokens", 0) or 0)
-            answered_model = result.model or answered_model
+            try:
+                data = json.loads(raw.content)
+                ordered = sorted(data["data"], key=lambda d: d["index"])
+                batch_vectors = [tuple(float(x) for x in d["embedding"]) for d in ordered]
+                usage = data.get("usage") or {}
+            except (ValueError, KeyError, TypeError) as exc:
+                raise errors.bad_response(self.name, model, f"embeddings body: {type(exc).__name__}: {exc}") from exc
+            if len(batch_vectors) != len(body["input"]):
+                raise errors.bad_response(
+                    self.name, model, f"{len(batch_vectors)} vectors for {len(body['input'])} inputs"
+                )
+            vectors.extend(batch_vectors)
+            input_tokens += int(usage.get("prompt_tokens") or 0)
+            answered_model = data.get("model") or answered_model
         return ProviderEmbedResult(model=answered_model, vectors=tuple(vectors), usage=Usage(input_tokens=input_tokens))
 
     async def list_models(self, timeout_s: float) -> tuple[LiveModel, ...]:
