@@ -321,8 +321,53 @@ def write_results(data: dict[str, Any], path: Path) -> None:
             f"Workers: `--workers 2` served {fmt(two['throughput'], 0)} calls/s at concurrency 50 against"
             f" {fmt(one['throughput'], 0)} for one worker: {fmt(two['throughput'] / one['throughput'])}×.",
         ]
+    lines += ["", *budget_lines(data)]
+    notes = ROOT / "bench" / "NOTES.md"
+    if notes.exists():
+        lines += ["", notes.read_text().strip()]
     path.write_text("\n".join(lines) + "\n")
     (path.parent / "results.json").write_text(json.dumps(data, indent=2))
+
+
+def _find(data: dict[str, Any], scenario: str, conc: int) -> dict[str, Any] | None:
+    return next((r for r in data["rows"] if r["scenario"] == scenario and r["concurrency"] == conc), None)
+
+
+def budget_lines(data: dict[str, Any]) -> list[str]:
+    """The issue's budget, each figure beside what this run measured."""
+    unary, stream = _find(data, "unary chat", 1), _find(data, "streamed chat (50 chunks)", 1)
+    hit, one = _find(data, "cache hit (memory)", 1), _find(data, "unary chat", 50)
+    two = _find(data, "unary chat, --workers 2", 50)
+    streams = data.get("open_streams") or {}
+    checks: list[tuple[str, str, float | None, float, bool]] = []  # what, unit, measured, budget, lower is better
+    if unary:
+        checks += [
+            ("gateway CPU per unary chat (c=1)", "ms", unary["cpu_ms_per_call"], 1.3, True),
+            ("added latency p50 (c=1)", "ms", unary["p50_ms"] - unary["direct_p50_ms"], 1.0, True),
+            ("added latency p99 (c=1)", "ms", unary["p99_ms"] - unary["direct_p99_ms"], 3.0, True),
+        ]
+    if stream:
+        checks += [
+            ("gateway CPU per streamed chunk (c=1)", "µs", stream.get("cpu_us_per_chunk"), 100.0, True),
+            ("TTFT overhead p50 (c=1)", "ms", stream["ttft_p50_ms"] - stream["direct_ttft_p50_ms"], 1.0, True),
+        ]
+    if hit:
+        checks.append(("cache hit p50 end to end (c=1)", "ms", hit["p50_ms"], 0.5, True))
+    if streams:
+        checks.append((f"RSS with {streams['streams']} open streams", "MB", streams["peak_rss_mb"], 300.0, True))
+    if one and two:
+        checks.append(
+            ("--workers 2 / 1 worker throughput (c=50)", "×", two["throughput"] / one["throughput"], 1.7, False)
+        )
+    lines = ["## Budget (this run)", "", "| figure | budget | measured | verdict |", "|---|---|---|---|"]
+    for what, unit, measured, budget, lower in checks:
+        if measured is None:
+            continue
+        ok = measured <= budget if lower else measured >= budget
+        verdict = "met" if ok else f"missed by {abs(measured - budget):.2f} {unit}"
+        sign = "≤" if lower else "≥"
+        lines.append(f"| {what} | {sign} {budget:g} {unit} | {measured:.2f} {unit} | {verdict} |")
+    return lines
 
 
 def main() -> None:
