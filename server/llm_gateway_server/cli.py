@@ -54,6 +54,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_level, settings.log_file)
     if args.workers > 1:
         return run_workers(args.workers, argv if argv is not None else sys.argv[1:], settings)
+    if settings.event_loop == "uvloop":
+        try:
+            import uvloop  # noqa: PLC0415 - optional dependency, chosen by configuration
+        except ImportError:
+            print("llm-gateway: event_loop is uvloop but uvloop is not installed; using asyncio", file=sys.stderr)
+        else:
+            uvloop.install()
     try:
         asyncio.run(serve(settings))
     except ConfigError as exc:

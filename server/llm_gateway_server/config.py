@@ -257,6 +257,8 @@ class Settings(BaseSettings):
         redis_timeout_s: socket connect/read bound for Redis calls, seconds.
         metrics_port: Prometheus HTTP port (0: disabled); metrics_host: its bind address.
         log_file: also write the JSON log lines to this file.
+        event_loop: "uvloop" (default when installed; ~20% less CPU per call in bench/) or
+            "asyncio".
     """
 
     model_config = SettingsConfigDict(env_prefix="LLM_GATEWAY_", env_nested_delimiter="__", extra="forbid")
@@ -285,6 +287,7 @@ class Settings(BaseSettings):
     metrics_port: int = Field(default=9464, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
     log_file: str | None = None
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
 
     @model_validator(mode="after")
     def _unique_provider_names(self) -> Settings:
