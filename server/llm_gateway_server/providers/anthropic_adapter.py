@@ -8,7 +8,6 @@ large non-streamed `max_tokens`); cancelling the awaiting task closes the upstre
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -32,6 +31,7 @@ from ..domain import (
 from ..errors import GatewayError
 from . import anthropic_mapping, errors
 from .base import Provider
+from .stainless_errors import map_sdk_error
 
 MODELS_PAGE_SIZE = 100
 _ANTHROPIC_CAPABILITIES = frozenset(
@@ -200,35 +200,6 @@ class AnthropicProvider(Provider):
             raise self._map(exc, model, timeout_s) from exc
 
     def _map(self, exc: Exception, model: str, timeout_s: float) -> GatewayError:
-        """The Anthropic error table: SDK exception → GatewayError (rows in `providers.errors`;
+        """The Anthropic error table: SDK exception → GatewayError (see `stainless_errors`;
         529 overloaded_error is a 5xx row: UNAVAILABLE)."""
-        if isinstance(exc, GatewayError):
-            return exc
-        if isinstance(exc, anthropic.APIStatusError) and exc.status_code < 400:
-            # an `event: error` inside a 200 stream arrives as APIStatusError with status 200
-            message, code = anthropic_mapping.error_fields(exc.body)
-            return errors.from_http_status(self.name, model, -1, message or exc.message, upstream_code=code)
-        if isinstance(exc, anthropic.APIStatusError):
-            message, code = anthropic_mapping.error_fields(exc.body)
-            return errors.from_http_status(
-                self.name,
-                model,
-                exc.status_code,
-                message or exc.message,
-                upstream_code=code,
-                retry_after_s=errors.parse_retry_after(dict(exc.response.headers)),
-            )
-        if isinstance(exc, anthropic.APITimeoutError):
-            return errors.upstream_timeout(self.name, model, timeout_s)
-        if isinstance(exc, anthropic.APIConnectionError):
-            return errors.connection_failed(self.name, model, str(exc.__cause__ or exc))
-        if isinstance(exc, anthropic.APIResponseValidationError):
-            return errors.bad_response(self.name, model, exc.message)
-        if isinstance(exc, anthropic.APIError):  # an `event: error` inside the stream
-            message, code = anthropic_mapping.error_fields(exc.body)
-            return errors.from_http_status(self.name, model, -1, message or exc.message, upstream_code=code)
-        if isinstance(exc, httpx2.TransportError):
-            return errors.connection_failed(self.name, model, repr(exc))
-        if isinstance(exc, (json.JSONDecodeError, ValueError, TypeError, KeyError, AttributeError)):
-            return errors.bad_response(self.name, model, f"{type(exc).__name__}: {exc}")
-        return errors.bad_response(self.name, model, f"unexpected {type(exc).__name__}")
+        return map_sdk_error(anthropic, exc, self.name, model, timeout_s, anthropic_mapping.error_fields)

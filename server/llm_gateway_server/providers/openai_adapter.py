@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Callable
 from types import ModuleType
 from typing import Any, ClassVar, TypeVar
 
-import httpx
 import httpx2
 import openai
 
@@ -31,6 +30,7 @@ from ..domain import (
 from ..errors import GatewayError
 from . import errors, openai_mapping
 from .base import Provider
+from .stainless_errors import map_sdk_error
 
 T = TypeVar("T")
 
@@ -235,31 +235,5 @@ class OpenAIProvider(Provider):
             raise self._map(exc, model, timeout_s) from exc
 
     def _map(self, exc: Exception, model: str, timeout_s: float) -> GatewayError:
-        """The OpenAI error table: SDK exception → GatewayError (rows in `providers.errors`)."""
-        if isinstance(exc, GatewayError):
-            return exc
-        sdk = self._sdk
-        if isinstance(exc, sdk.APIStatusError):
-            message, code = openai_mapping.error_fields(exc.body)
-            return errors.from_http_status(
-                self.name,
-                model,
-                exc.status_code,
-                message or exc.message,
-                upstream_code=code,
-                retry_after_s=errors.parse_retry_after(dict(exc.response.headers)),
-            )
-        if isinstance(exc, sdk.APITimeoutError):
-            return errors.upstream_timeout(self.name, model, timeout_s)
-        if isinstance(exc, sdk.APIConnectionError):
-            return errors.connection_failed(self.name, model, str(exc.__cause__ or exc))
-        if isinstance(exc, sdk.APIResponseValidationError):
-            return errors.bad_response(self.name, model, exc.message)
-        if isinstance(exc, sdk.APIError):  # an error object inside an SSE stream
-            message, code = openai_mapping.error_fields(exc.body)
-            return errors.from_http_status(self.name, model, -1, message or exc.message, upstream_code=code)
-        if isinstance(exc, (httpx2.TransportError, httpx.TransportError)):
-            return errors.connection_failed(self.name, model, repr(exc))
-        if isinstance(exc, (json.JSONDecodeError, ValueError, TypeError, KeyError, AttributeError)):
-            return errors.bad_response(self.name, model, f"{type(exc).__name__}: {exc}")
-        return errors.bad_response(self.name, model, f"unexpected {type(exc).__name__}")
+        """The OpenAI error table: SDK exception → GatewayError (see `stainless_errors`)."""
+        return map_sdk_error(self._sdk, exc, self.name, model, timeout_s, openai_mapping.error_fields)

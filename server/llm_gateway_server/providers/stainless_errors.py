@@ -1,0 +1,60 @@
+"""SDK exception → GatewayError for the Stainless-generated SDKs (openai, anthropic, groq), which
+share one exception hierarchy (`APIStatusError`, `APITimeoutError`, `APIConnectionError`,
+`APIResponseValidationError`, `APIError`). Each adapter passes its SDK module and the function
+that reads its error body; the HTTP-status rows live in `providers.errors`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from types import ModuleType
+
+import httpx
+import httpx2
+
+from ..errors import GatewayError
+from . import errors
+
+ErrorFields = Callable[[object], tuple[str, str]]
+
+
+def map_sdk_error(
+    sdk: ModuleType, exc: Exception, provider: str, model: str, timeout_s: float, error_fields: ErrorFields
+) -> GatewayError:
+    """Maps an exception raised by a Stainless SDK call (or its HTTP client) for `provider`.
+
+    Args:
+        sdk: the SDK module (openai, anthropic or groq).
+        exc: what the call raised.
+        provider / model: for the error's metadata.
+        timeout_s: the call's timeout (reported on timeouts).
+        error_fields: reads (message, code) from the SDK's `e.body`.
+    """
+    if isinstance(exc, GatewayError):
+        return exc
+    if isinstance(exc, sdk.APIStatusError):
+        message, code = error_fields(exc.body)
+        if exc.status_code < 400:  # an error event inside a 200 stream (anthropic raises it this way)
+            return errors.from_http_status(provider, model, -1, message or exc.message, upstream_code=code)
+        return errors.from_http_status(
+            provider,
+            model,
+            exc.status_code,
+            message or exc.message,
+            upstream_code=code,
+            retry_after_s=errors.parse_retry_after(dict(exc.response.headers)),
+        )
+    if isinstance(exc, sdk.APITimeoutError):
+        return errors.upstream_timeout(provider, model, timeout_s)
+    if isinstance(exc, sdk.APIConnectionError):
+        return errors.connection_failed(provider, model, str(exc.__cause__ or exc))
+    if isinstance(exc, sdk.APIResponseValidationError):
+        return errors.bad_response(provider, model, exc.message)
+    if isinstance(exc, sdk.APIError):  # an error object inside an SSE stream
+        message, code = error_fields(exc.body)
+        return errors.from_http_status(provider, model, -1, message or exc.message, upstream_code=code)
+    if isinstance(exc, (httpx2.TransportError, httpx.TransportError)):
+        return errors.connection_failed(provider, model, repr(exc))
+    if isinstance(exc, (json.JSONDecodeError, ValueError, TypeError, KeyError, AttributeError)):
+        return errors.bad_response(provider, model, f"{type(exc).__name__}: {exc}")
+    return errors.bad_response(provider, model, f"unexpected {type(exc).__name__}")
