@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import statistics
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -79,9 +80,15 @@ async def drive(call: Call, concurrency: int, count: int, max_s: float) -> Resul
     return result
 
 
-def _messages(i: int, unique: bool) -> list[pb.Message]:
-    text = f"benchmark prompt {i}" if unique else "benchmark prompt"
+def _messages(i: int, nonce: str) -> list[pb.Message]:
+    """A prompt unique to this call (`nonce` differs per load run), or a fixed one (nonce "")."""
+    text = f"benchmark prompt {nonce} {i}" if nonce else "benchmark prompt"
     return [pb.Message(role=pb.ROLE_USER, content=[pb.ContentPart(text=text)])]
+
+
+def _nonce() -> str:
+    """Every load run gets its own prompts, so a cache-enabled gateway sees only misses."""
+    return uuid.uuid4().hex[:12]
 
 
 class GatewayClient:
@@ -93,19 +100,23 @@ class GatewayClient:
         self.metadata = (("authorization", f"Bearer {api_key}"),)
 
     def chat(self, model: str, unique: bool = True) -> Call:
+        nonce = _nonce() if unique else ""
+
         async def call(i: int) -> None:
             await self.stub.Chat(
-                pb.ChatRequest(model=model, messages=_messages(i, unique)), metadata=self.metadata, timeout=30
+                pb.ChatRequest(model=model, messages=_messages(i, nonce)), metadata=self.metadata, timeout=30
             )
 
         return call
 
     def stream(self, model: str) -> Call:
+        nonce = _nonce()
+
         async def call(i: int) -> float | None:
             first = None
             final = False
             async for event in self.stub.ChatStream(
-                pb.ChatStreamRequest(model=model, messages=_messages(i, True)), metadata=self.metadata, timeout=60
+                pb.ChatStreamRequest(model=model, messages=_messages(i, nonce)), metadata=self.metadata, timeout=60
             ):
                 if first is None:
                     first = time.perf_counter()
@@ -117,9 +128,11 @@ class GatewayClient:
         return call
 
     def embed(self, model: str) -> Call:
+        nonce = _nonce()
+
         async def call(i: int) -> None:
             await self.stub.Embed(
-                pb.EmbedRequest(model=model, inputs=[f"text {i}"]), metadata=self.metadata, timeout=30
+                pb.EmbedRequest(model=model, inputs=[f"text {nonce} {i}"]), metadata=self.metadata, timeout=30
             )
 
         return call
