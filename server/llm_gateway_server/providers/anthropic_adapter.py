@@ -8,8 +8,9 @@ large non-streamed `max_tokens`); cancelling the awaiting task closes the upstre
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator
+from types import ModuleType
+from typing import Any, ClassVar
 
 import anthropic
 import httpx2
@@ -31,7 +32,7 @@ from ..domain import (
 from ..errors import GatewayError
 from . import anthropic_mapping, errors
 from .base import Provider
-from .stainless_errors import map_sdk_error
+from .stainless_errors import SdkCalls
 
 MODELS_PAGE_SIZE = 100
 _ANTHROPIC_CAPABILITIES = frozenset(
@@ -39,7 +40,7 @@ _ANTHROPIC_CAPABILITIES = frozenset(
 )
 
 
-class AnthropicProvider(Provider):
+class AnthropicProvider(SdkCalls, Provider):
     """Adapter for the Anthropic Messages API.
 
     Args:
@@ -51,6 +52,8 @@ class AnthropicProvider(Provider):
     """
 
     kind = "anthropic"
+    _sdk: ClassVar[ModuleType] = anthropic
+    _wire: ClassVar[ModuleType] = anthropic_mapping
     requires_max_output_tokens = True
     supports_embeddings = False
 
@@ -70,11 +73,11 @@ class AnthropicProvider(Provider):
 
     def plan_chat(self, request: ChatRequest) -> tuple[Warning, ...]:
         """Warnings for the options Anthropic's API does not have (dropped)."""
-        return anthropic_mapping.chat_params(request, "")[1]
+        return anthropic_mapping.chat_warnings(request)
 
     async def chat(self, request: ChatRequest, model: str, timeout_s: float) -> ProviderChatResult:
         """Non-streamed chat; see `Provider.chat`."""
-        params, _ = anthropic_mapping.chat_params(request, model)
+        params = anthropic_mapping.chat_params(request, model)
         message = await self._call(model, timeout_s, lambda: self._client.messages.create(**params, timeout=timeout_s))
         text, calls = anthropic_mapping.content_from_wire(message.content)
         return ProviderChatResult(
@@ -92,7 +95,7 @@ class AnthropicProvider(Provider):
     ) -> AsyncIterator[ProviderStreamEvent]:
         """Streamed chat from the SSE event sequence (message_start, content_block_*, message_delta,
         message_stop); see `Provider.chat_stream`."""
-        params, _ = anthropic_mapping.chat_params(request, model)
+        params = anthropic_mapping.chat_params(request, model)
         stream = await self._call(
             model, timeout_s, lambda: self._client.messages.create(**params, stream=True, timeout=timeout_s)
         )
@@ -156,7 +159,7 @@ class AnthropicProvider(Provider):
 
     async def count_tokens(self, request: ChatRequest, model: str, timeout_s: float) -> TokenCount:
         """Exact count from `POST /v1/messages/count_tokens`."""
-        params, _ = anthropic_mapping.chat_params(request, model)
+        params = anthropic_mapping.chat_params(request, model)
         keep = {k: params[k] for k in ("model", "messages", "system", "tools", "tool_choice") if k in params}
         result = await self._call(
             model, timeout_s, lambda: self._client.messages.count_tokens(**keep, timeout=timeout_s)
@@ -192,14 +195,3 @@ class AnthropicProvider(Provider):
     async def aclose(self) -> None:
         """Closes the client's connection pool."""
         await self._client.close()
-
-    async def _call(self, model: str, timeout_s: float, make: Callable[[], Any]) -> Any:
-        try:
-            return await make()
-        except Exception as exc:
-            raise self._map(exc, model, timeout_s) from exc
-
-    def _map(self, exc: Exception, model: str, timeout_s: float) -> GatewayError:
-        """The Anthropic error table: SDK exception → GatewayError (see `stainless_errors`;
-        529 overloaded_error is a 5xx row: UNAVAILABLE)."""
-        return map_sdk_error(anthropic, exc, self.name, model, timeout_s, anthropic_mapping.error_fields)

@@ -103,14 +103,18 @@ def messages_to_wire(messages: tuple[Message, ...]) -> tuple[str, list[dict[str,
     return system, wire
 
 
-def chat_params(request: ChatRequest, model: str) -> tuple[dict[str, Any], tuple[Warning, ...]]:
-    """Keyword arguments of `messages.create` and warnings for dropped options."""
-    gen = request.generation
-    warnings = [
+def chat_warnings(request: ChatRequest) -> tuple[Warning, ...]:
+    """Warnings for the sampling options `chat_params` drops."""
+    return tuple(
         Warning("OPTION_DROPPED", field, "Anthropic's Messages API (version 2026-10-21, SDK 2.x) has no such parameter")
         for attribute, field in _DROPPED
-        if getattr(gen, attribute) is not None
-    ]
+        if getattr(request.generation, attribute) is not None
+    )
+
+
+def chat_params(request: ChatRequest, model: str) -> dict[str, Any]:
+    """Keyword arguments of `messages.create` (see `chat_warnings` for what it drops)."""
+    gen = request.generation
     system, messages = messages_to_wire(request.messages)
     params: dict[str, Any] = {
         "model": model,
@@ -147,7 +151,7 @@ def chat_params(request: ChatRequest, model: str) -> tuple[dict[str, Any], tuple
         params["tool_choice"] = choice
     if request.end_user_id:
         params["metadata"] = {"user_id": request.end_user_id}
-    return params, tuple(warnings)
+    return params
 
 
 def usage_from_wire(usage: Any, output_tokens: int | None = None) -> Usage:

@@ -43,8 +43,8 @@ class Provider(abc.ABC):
 
     @abc.abstractmethod
     def plan_chat(self, request: ChatRequest) -> tuple[Warning, ...]:
-        """Returns the warnings for options this provider will drop; raises GatewayError
-        (INVALID_ARGUMENT) for options it cannot honour at all. Pure: no I/O."""
+        """Returns the warnings for options this provider drops (pure, cheap: it does not build
+        the request). Options it cannot honour at all fail the call with INVALID_ARGUMENT."""
 
     @abc.abstractmethod
     async def chat(self, request: ChatRequest, model: str, timeout_s: float) -> ProviderChatResult:

@@ -42,18 +42,19 @@ class GroqProvider(OpenAIProvider):
             ),
         )
 
-    def _chat_params(
-        self, request: ChatRequest, model: str, *, stream: bool
-    ) -> tuple[dict[str, Any], tuple[Warning, ...]]:
-        warnings: list[Warning] = []
+    def plan_chat(self, request: ChatRequest) -> tuple[Warning, ...]:
+        """OpenAI's warnings, plus message names (Groq rejects them; `_chat_params` drops them)."""
+        names = (Warning("OPTION_DROPPED", "messages[].name", "Groq rejects message names"),)
+        return (*(names if any(m.name for m in request.messages) else ()), *super().plan_chat(request))
+
+    def _chat_params(self, request: ChatRequest, model: str, *, stream: bool) -> dict[str, Any]:
         if any(m.name for m in request.messages):
-            warnings.append(Warning("OPTION_DROPPED", "messages[].name", "Groq rejects message names"))
             request = dataclasses.replace(
                 request, messages=tuple(dataclasses.replace(m, name="") for m in request.messages)
             )
-        params, more = openai_mapping.chat_params(request, model, stream=stream)
+        params = openai_mapping.chat_params(request, model, stream=stream)
         params.pop("stream_options", None)
-        return params, (*warnings, *more)
+        return params
 
     def _chunk_usage(self, chunk: dict[str, Any]) -> Usage | None:
         """`x_groq.usage` of the final chunk (or a top-level `usage`, should Groq send one)."""

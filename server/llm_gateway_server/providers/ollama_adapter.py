@@ -58,12 +58,12 @@ class OllamaProvider(Provider):
         )
 
     def plan_chat(self, request: ChatRequest) -> tuple[Warning, ...]:
-        """Warnings for dropped options; raises for image URLs Ollama cannot fetch."""
-        return ollama_mapping.chat_params(request, "", self.name)[1]
+        """Warnings for dropped options (image URLs, which Ollama cannot fetch, fail the call)."""
+        return ollama_mapping.chat_warnings(request)
 
     async def chat(self, request: ChatRequest, model: str, timeout_s: float) -> ProviderChatResult:
         """Non-streamed chat; see `Provider.chat`."""
-        params, _ = ollama_mapping.chat_params(request, model, self.name)
+        params = ollama_mapping.chat_params(request, model, self.name)
         response = await self._bounded(model, timeout_s, self._client.chat(**params, stream=False))
         calls = ollama_mapping.tool_calls_from_wire(response.message.tool_calls)
         return ProviderChatResult(
@@ -79,7 +79,7 @@ class OllamaProvider(Provider):
         self, request: ChatRequest, model: str, timeout_s: float
     ) -> AsyncIterator[ProviderStreamEvent]:
         """Streamed chat over NDJSON; see `Provider.chat_stream`."""
-        params, _ = ollama_mapping.chat_params(request, model, self.name)
+        params = ollama_mapping.chat_params(request, model, self.name)
         # Bounded here until the response starts; the router bounds every later chunk (a timeout
         # context must not span a `yield`: it would cancel the consumer instead).
         stream = await self._bounded(model, timeout_s, self._client.chat(**params, stream=True))

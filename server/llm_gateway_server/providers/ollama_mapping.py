@@ -85,10 +85,28 @@ def messages_to_wire(request: ChatRequest, provider: str) -> list[dict[str, Any]
     return wire
 
 
-def chat_params(request: ChatRequest, model: str, provider: str) -> tuple[dict[str, Any], tuple[Warning, ...]]:
-    """Keyword arguments of `AsyncClient.chat` (without `stream`) and warnings for dropped options."""
-    gen = request.generation
+def chat_warnings(request: ChatRequest) -> tuple[Warning, ...]:
+    """Warnings for the options `chat_params` drops (Ollama has no tool_choice or parallel switch)."""
     warnings: list[Warning] = []
+    choice = request.tool_choice
+    if choice is not None and (choice.function_name or choice.mode in ("required", "none")):
+        warnings.append(
+            Warning("OPTION_DROPPED", "tool_choice", "Ollama's /api/chat has no tool_choice; the model decides")
+        )
+    if request.generation.parallel_tool_calls is not None:
+        warnings.append(
+            Warning("OPTION_DROPPED", "generation.parallel_tool_calls", "Ollama has no parallel_tool_calls switch")
+        )
+    return tuple(warnings)
+
+
+def chat_params(request: ChatRequest, model: str, provider: str) -> dict[str, Any]:
+    """Keyword arguments of `AsyncClient.chat` (without `stream`).
+
+    Raises:
+        GatewayError: CAPABILITY_NOT_SUPPORTED for an image URL (Ollama takes bytes only).
+    """
+    gen = request.generation
     options: dict[str, Any] = {}
     for key, value in (
         ("temperature", gen.temperature),
@@ -123,16 +141,7 @@ def chat_params(request: ChatRequest, model: str, provider: str) -> tuple[dict[s
             }
             for t in request.tools
         ]
-    choice = request.tool_choice
-    if choice is not None and (choice.function_name or choice.mode in ("required", "none")):
-        warnings.append(
-            Warning("OPTION_DROPPED", "tool_choice", "Ollama's /api/chat has no tool_choice; the model decides")
-        )
-    if gen.parallel_tool_calls is not None:
-        warnings.append(
-            Warning("OPTION_DROPPED", "generation.parallel_tool_calls", "Ollama has no parallel_tool_calls switch")
-        )
-    return params, tuple(warnings)
+    return params
 
 
 def new_call_id() -> str:

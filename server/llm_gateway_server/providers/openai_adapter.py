@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from types import ModuleType
 from typing import Any, ClassVar, TypeVar
 
@@ -30,7 +30,7 @@ from ..domain import (
 from ..errors import GatewayError
 from . import errors, openai_mapping
 from .base import Provider
-from .stainless_errors import map_sdk_error
+from .stainless_errors import SdkCalls
 
 T = TypeVar("T")
 
@@ -52,7 +52,7 @@ async def _drain(lines: AsyncIterator[str]) -> None:
         pass
 
 
-class OpenAIProvider(Provider):
+class OpenAIProvider(SdkCalls, Provider):
     """Adapter for the OpenAI API and any server that speaks its Chat Completions protocol.
 
     Args:
@@ -66,6 +66,7 @@ class OpenAIProvider(Provider):
     kind = "openai"
     # The SDK module whose exception classes `_map` checks (the groq SDK mirrors openai's).
     _sdk: ClassVar[ModuleType] = openai
+    _wire: ClassVar[ModuleType] = openai_mapping
     # Chat Completions path under the client's base URL, and the SDK's raw HTTP response class.
     _chat_path: ClassVar[str] = "/chat/completions"
     _embeddings_path: ClassVar[str] = "/embeddings"
@@ -94,9 +95,7 @@ class OpenAIProvider(Provider):
             ),
         )
 
-    def _chat_params(
-        self, request: ChatRequest, model: str, *, stream: bool
-    ) -> tuple[dict[str, Any], tuple[Warning, ...]]:
+    def _chat_params(self, request: ChatRequest, model: str, *, stream: bool) -> dict[str, Any]:
         return openai_mapping.chat_params(request, model, stream=stream)
 
     def _chunk_usage(self, chunk: dict[str, Any]) -> Usage | None:
@@ -104,15 +103,15 @@ class OpenAIProvider(Provider):
         return openai_mapping.usage_from_wire(chunk.get("usage"))
 
     def plan_chat(self, request: ChatRequest) -> tuple[Warning, ...]:
-        """Warnings for the options this API drops (see `openai_mapping.chat_params`)."""
-        return self._chat_params(request, "", stream=False)[1]
+        """Warnings for the options this API drops (see `openai_mapping.chat_warnings`)."""
+        return openai_mapping.chat_warnings(request)
 
     async def chat(self, request: ChatRequest, model: str, timeout_s: float) -> ProviderChatResult:
         """Non-streamed chat; see `Provider.chat`. The hot path uses the SDK client's documented
         low-level `post` (base URL, auth, headers, error statuses, timeout all from the SDK) with the
         gateway's already-typed body, and reads the answer as JSON: this skips the SDK's per-call
         parameter transformation and response-model construction (~25% of a call's CPU, bench/)."""
-        params, _ = self._chat_params(request, model, stream=False)
+        params = self._chat_params(request, model, stream=False)
         raw = await self._call(
             model,
             timeout_s,
@@ -131,7 +130,7 @@ class OpenAIProvider(Provider):
         """Streamed chat over SSE (`data: <json>` lines ending with `data: [DONE]`, reference §1.4);
         see `Provider.chat_stream`. The SDK sends the request and raises for error statuses; the
         events are parsed here as JSON (an `error` object inside the stream is an upstream error)."""
-        params, _ = self._chat_params(request, model, stream=True)
+        params = self._chat_params(request, model, stream=True)
         context = self._client.chat.completions.with_streaming_response.create(**params, timeout=timeout_s)
         response = await self._call(model, timeout_s, context.__aenter__)
         raw_reason: str | None = None
@@ -227,13 +226,3 @@ class OpenAIProvider(Provider):
     async def aclose(self) -> None:
         """Closes the client's connection pool."""
         await self._client.close()
-
-    async def _call(self, model: str, timeout_s: float, make: Callable[[], Any]) -> Any:
-        try:
-            return await make()
-        except Exception as exc:
-            raise self._map(exc, model, timeout_s) from exc
-
-    def _map(self, exc: Exception, model: str, timeout_s: float) -> GatewayError:
-        """The OpenAI error table: SDK exception → GatewayError (see `stainless_errors`)."""
-        return map_sdk_error(self._sdk, exc, self.name, model, timeout_s, openai_mapping.error_fields)

@@ -84,11 +84,21 @@ def message_to_wire(message: Message) -> dict[str, Any]:
     return wire
 
 
-def chat_params(request: ChatRequest, model: str, *, stream: bool) -> tuple[dict[str, Any], tuple[Warning, ...]]:
-    """Builds the keyword arguments of `chat.completions.create` and the warnings for options the
-    Chat Completions API has no field for (dropped, never reinterpreted)."""
+def chat_warnings(request: ChatRequest) -> tuple[Warning, ...]:
+    """Warnings for options the Chat Completions API has no field for (dropped by `chat_params`,
+    never reinterpreted)."""
     gen = request.generation
     warnings: list[Warning] = []
+    if gen.top_k is not None:
+        warnings.append(Warning("OPTION_DROPPED", "generation.top_k", "the OpenAI Chat Completions API has no top_k"))
+    if gen.parallel_tool_calls is not None and not request.tools:
+        warnings.append(Warning("OPTION_DROPPED", "generation.parallel_tool_calls", "no tools in the request"))
+    return tuple(warnings)
+
+
+def chat_params(request: ChatRequest, model: str, *, stream: bool) -> dict[str, Any]:
+    """The Chat Completions request body (see `chat_warnings` for what it leaves out)."""
+    gen = request.generation
     params: dict[str, Any] = {
         "model": model,
         "messages": [message_to_wire(m) for m in request.messages],
@@ -100,8 +110,6 @@ def chat_params(request: ChatRequest, model: str, *, stream: bool) -> tuple[dict
         params["temperature"] = gen.temperature
     if gen.top_p is not None:
         params["top_p"] = gen.top_p
-    if gen.top_k is not None:
-        warnings.append(Warning("OPTION_DROPPED", "generation.top_k", "the OpenAI Chat Completions API has no top_k"))
     if gen.max_output_tokens is not None:
         params["max_tokens"] = gen.max_output_tokens
     if gen.stop_sequences:
@@ -126,8 +134,6 @@ def chat_params(request: ChatRequest, model: str, *, stream: bool) -> tuple[dict
         params["tools"] = [_tool_to_wire(t.name, t.description, t.parameters, t.strict) for t in request.tools]
         if gen.parallel_tool_calls is not None:
             params["parallel_tool_calls"] = gen.parallel_tool_calls
-    elif gen.parallel_tool_calls is not None:
-        warnings.append(Warning("OPTION_DROPPED", "generation.parallel_tool_calls", "no tools in the request"))
     choice = request.tool_choice
     if choice is not None and request.tools:
         if choice.function_name:
@@ -136,7 +142,7 @@ def chat_params(request: ChatRequest, model: str, *, stream: bool) -> tuple[dict
             params["tool_choice"] = choice.mode
     if request.end_user_id:
         params["user"] = request.end_user_id
-    return params, tuple(warnings)
+    return params
 
 
 def _tool_to_wire(name: str, description: str, parameters: Mapping[str, Any] | None, strict: bool) -> dict[str, Any]:

@@ -6,8 +6,9 @@ that reads its error body; the HTTP-status rows live in `providers.errors`."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import ModuleType
+from typing import Any, ClassVar
 
 import httpx
 import httpx2
@@ -58,3 +59,23 @@ def map_sdk_error(
     if isinstance(exc, (json.JSONDecodeError, ValueError, TypeError, KeyError, AttributeError)):
         return errors.bad_response(provider, model, f"{type(exc).__name__}: {exc}")
     return errors.bad_response(provider, model, f"unexpected {type(exc).__name__}")
+
+
+class SdkCalls:
+    """Mixin for adapters on a Stainless SDK: `_call` runs an SDK call and maps whatever it raises
+    with `map_sdk_error`. Subclasses set `name`, `_sdk` (the SDK module) and `_wire` (their wire
+    mapping module, whose `error_fields` reads the SDK's error bodies)."""
+
+    name: str
+    _sdk: ClassVar[ModuleType]
+    _wire: ClassVar[ModuleType]
+
+    async def _call(self, model: str, timeout_s: float, make: Callable[[], Awaitable[Any]]) -> Any:
+        try:
+            return await make()
+        except Exception as exc:
+            raise self._map(exc, model, timeout_s) from exc
+
+    def _map(self, exc: Exception, model: str, timeout_s: float) -> GatewayError:
+        """SDK exception → GatewayError (the HTTP-status rows are in `providers.errors`)."""
+        return map_sdk_error(self._sdk, exc, self.name, model, timeout_s, self._wire.error_fields)

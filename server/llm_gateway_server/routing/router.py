@@ -191,7 +191,7 @@ class Router:
             usage=usage,
             cost=cost_of(usage, deployment.info.pricing if deployment.info else None),
             attempts=tuple(log.attempts),
-            warnings=deployment.provider.plan_chat(self._prepared(request, deployment)),
+            warnings=deployment.provider.plan_chat(request),
             provider_response_id=result.response_id,
         )
 
@@ -273,7 +273,7 @@ class Router:
             cost=cost_of(usage, deployment.info.pricing if deployment.info else None),
             tool_calls=assembler.calls(ctx.request_id),
             attempts=tuple(log.attempts),
-            warnings=deployment.provider.plan_chat(self._prepared(request, deployment)),
+            warnings=deployment.provider.plan_chat(request),
             provider_response_id=end.response_id,
         )
 
