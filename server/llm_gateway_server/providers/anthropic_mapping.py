@@ -87,19 +87,20 @@ def messages_to_wire(messages: tuple[Message, ...]) -> tuple[str, list[dict[str,
     consecutive tool results are merged into one user turn of `tool_result` blocks."""
     system = "\n\n".join(m.text for m in messages if m.role is Role.SYSTEM)
     wire: list[dict[str, Any]] = []
+    previous_was_tool = False
     for message in messages:
         if message.role is Role.SYSTEM:
             continue
         if message.role is Role.TOOL:
             block = {"type": "tool_result", "tool_use_id": message.tool_call_id, "content": message.text}
-            if wire and wire[-1]["role"] == "user" and wire[-1].get("_tool_results"):
+            if previous_was_tool:
                 wire[-1]["content"].append(block)
             else:
-                wire.append({"role": "user", "content": [block], "_tool_results": True})
+                wire.append({"role": "user", "content": [block]})
+            previous_was_tool = True
             continue
         wire.append({"role": message.role.value, "content": _blocks(message)})
-    for entry in wire:
-        entry.pop("_tool_results", None)
+        previous_was_tool = False
     return system, wire
 
 

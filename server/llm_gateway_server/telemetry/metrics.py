@@ -7,7 +7,6 @@ requested string of a failed call.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -84,11 +83,10 @@ class Metrics:
             registry=r,
         )
         self._server: Any = None
-        self._thread: threading.Thread | None = None
 
     def serve(self, host: str, port: int) -> None:
         """Starts the HTTP exposition server (`/metrics`) on host:port."""
-        self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        self._server, _ = start_http_server(port, addr=host, registry=self.registry)
 
     def stop(self) -> None:
         """Stops the HTTP server."""

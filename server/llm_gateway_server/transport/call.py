@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..errors import GatewayError
 
@@ -32,7 +32,6 @@ class CallRecord:
     code: str = "OK"
     reason: str = ""
     error: GatewayError | None = None
-    notes: dict[str, str] = field(default_factory=dict)
 
 
 current_call: ContextVar[CallRecord | None] = ContextVar("llm_gateway_call", default=None)
