@@ -20,9 +20,10 @@ from llm_gateway.v1 import llm_gateway_pb2 as pb
 
 from .conftest import Gateway, GatewayFactory, chat, chat_stream, collect, expect_error, user
 from .emulators.anthropic_server import AnthropicEmulator
+from .emulators.base import Recorded
 from .emulators.groq_server import GroqEmulator
 from .emulators.ollama_server import OllamaEmulator
-from .emulators.openai_server import OpenAIEmulator, Recorded
+from .emulators.openai_server import OpenAIEmulator
 
 PROVIDERS = ["openai", "compat", "anthropic", "groq", "ollama"]
 EMBEDDERS = {"openai", "compat", "ollama"}

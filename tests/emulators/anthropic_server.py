@@ -48,12 +48,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
-from .openai_server import Recorded
+from .base import LoopbackEmulator
 
 _ERROR_TYPES = {
     400: "invalid_request_error",
@@ -81,55 +81,23 @@ _HEADERS = {"request-id": "req_emulated"}
 
 
 @dataclass
-class AnthropicEmulator:
+class AnthropicEmulator(LoopbackEmulator):
     """Start with `await emulator.start()`; `base_url` then points at it (no `/v1`, the SDK adds it)."""
 
     models: tuple[str, ...] = ("claude-haiku-4-5-20251001", "claude-sonnet-4-5-20250929", "claude-emulated-1")
-    requests: list[Recorded] = field(default_factory=list)
-    disconnects: list[str] = field(default_factory=list)
-    hang_started: asyncio.Event = field(default_factory=asyncio.Event)
-    _runner: web.AppRunner | None = None
-    port: int = 0
 
     @property
     def base_url(self) -> str:
         """Server root without `/v1`, as `ANTHROPIC_BASE_URL` expects."""
         return f"http://127.0.0.1:{self.port}"
 
-    async def start(self) -> None:
-        """Binds 127.0.0.1 on a free port and starts serving."""
-        app = web.Application()
+    def _routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/messages", self._messages)
         app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/models/{model}", self._model)
-        self._runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
-        await site.start()
-        server = site._server
-        assert server is not None and server.sockets  # type: ignore[attr-defined]
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
-
-    async def stop(self) -> None:
-        """Stops serving."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    def calls(self, path_suffix: str) -> list[Recorded]:
-        """Recorded requests whose path ends with `path_suffix`."""
-        return [r for r in self.requests if r.path.endswith(path_suffix)]
 
     # --- helpers -----------------------------------------------------------------------------
-
-    async def _record(self, request: web.Request) -> Any:
-        raw = await request.read()
-        try:
-            body = json.loads(raw) if raw else None
-        except json.JSONDecodeError:
-            body = raw.decode(errors="replace")
-        self.requests.append(Recorded(request.method, request.path, dict(request.headers), body))
-        return body
 
     @staticmethod
     def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
-from .openai_server import Recorded
+from .base import LoopbackEmulator
 
 _STATS = {
     "total_duration": 182242375,
@@ -39,43 +39,21 @@ _STATS = {
 
 
 @dataclass
-class OllamaEmulator:
+class OllamaEmulator(LoopbackEmulator):
     """Start with `await emulator.start()`; `host` then points at it (as `OLLAMA_HOST` expects)."""
 
     models: tuple[str, ...] = ("llama3.2:latest", "nomic-embed-text:latest", "tinyllama:latest")
-    requests: list[Recorded] = field(default_factory=list)
-    disconnects: list[str] = field(default_factory=list)
-    _runner: web.AppRunner | None = None
-    port: int = 0
 
     @property
     def host(self) -> str:
         """Server root (no `/api`)."""
         return f"http://127.0.0.1:{self.port}"
 
-    async def start(self) -> None:
-        """Binds 127.0.0.1 on a free port and starts serving."""
-        app = web.Application()
+    def _routes(self, app: web.Application) -> None:
         app.router.add_post("/api/chat", self._chat)
         app.router.add_post("/api/embed", self._embed)
         app.router.add_get("/api/tags", self._tags)
         app.router.add_post("/api/show", self._show)
-        self._runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-
-    async def stop(self) -> None:
-        """Stops serving."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def _record(self, request: web.Request) -> Any:
-        raw = await request.read()
-        body = json.loads(raw) if raw else None
-        self.requests.append(Recorded(request.method, request.path, dict(request.headers), body))
-        return body
 
     @staticmethod
     def _scenario_error(model: str) -> web.Response | None:

@@ -44,29 +44,16 @@ from typing import Any, ClassVar
 
 from aiohttp import web
 
-
-@dataclass
-class Recorded:
-    """One request as the emulator saw it."""
-
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: Any
+from .base import LoopbackEmulator
 
 
 @dataclass
-class OpenAIEmulator:
+class OpenAIEmulator(LoopbackEmulator):
     """Start with `await emulator.start()`; `base_url` then points at it (`.../v1`)."""
 
     models: tuple[str, ...] = ("gpt-4o-mini", "emulated-model")
-    requests: list[Recorded] = field(default_factory=list)
-    disconnects: list[str] = field(default_factory=list)
-    hang_started: asyncio.Event = field(default_factory=asyncio.Event)
     served: dict[str, int] = field(default_factory=dict)  # requests per model name
     delay_s: float = 0.0  # added before every chat answer (to slow a whole deployment down)
-    _runner: web.AppRunner | None = None
-    port: int = 0
     prefixes: ClassVar[tuple[str, ...]] = ("/v1", "")
 
     @property
@@ -74,41 +61,14 @@ class OpenAIEmulator:
         """API root including `/v1`, as `OPENAI_BASE_URL` expects."""
         return f"http://127.0.0.1:{self.port}/v1"
 
-    async def start(self) -> None:
-        """Binds 127.0.0.1 on a free port and starts serving."""
-        app = web.Application()
+    def _routes(self, app: web.Application) -> None:
         for prefix in self.prefixes:
             app.router.add_post(f"{prefix}/chat/completions", self._chat)
             app.router.add_post(f"{prefix}/embeddings", self._embeddings)
             app.router.add_get(f"{prefix}/models", self._models)
             app.router.add_get(f"{prefix}/models/{{model}}", self._model)
-        self._runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
-        await site.start()
-        server = site._server
-        assert server is not None and server.sockets  # type: ignore[attr-defined]
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
-
-    async def stop(self) -> None:
-        """Stops serving."""
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    def calls(self, path_suffix: str) -> list[Recorded]:
-        """Recorded requests whose path ends with `path_suffix`."""
-        return [r for r in self.requests if r.path.endswith(path_suffix)]
 
     # --- helpers -----------------------------------------------------------------------------
-
-    async def _record(self, request: web.Request) -> Any:
-        raw = await request.read()
-        try:
-            body = json.loads(raw) if raw else None
-        except json.JSONDecodeError:
-            body = raw.decode(errors="replace")
-        self.requests.append(Recorded(request.method, request.path, dict(request.headers), body))
-        return body
 
     @staticmethod
     def _error(
