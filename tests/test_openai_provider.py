@@ -324,3 +324,30 @@ async def test_unary_client_cancel_closes_upstream_request(gateway: Gateway, ope
             break
         await asyncio.sleep(0.05)
     assert openai_upstream.disconnects == ["chat"]
+
+
+@pytest.mark.parametrize("http_client", ["aiohttp", "httpx"])
+async def test_both_sdk_transports_answer_alike(
+    make_gateway: object, openai_upstream: OpenAIEmulator, http_client: str
+) -> None:
+    """`providers[].http_client` picks the SDK's transport; answers and error classes match."""
+
+    def provider(base_url: str) -> dict[str, object]:
+        settings = {"name": "openai", "kind": "openai", "base_url": base_url, "api_key": OPENAI_TEST_KEY}
+        return {**settings, "http_client": http_client}
+
+    gateway = await make_gateway({}, providers=[provider(openai_upstream.base_url)])  # type: ignore[operator]
+    reply = await gateway.stub.Chat(chat("m", "Hello"))
+    assert reply.message.content[0].text == "echo: Hello" and reply.usage.total_tokens == 18
+    events = await collect(gateway.stub.ChatStream(chat_stream("m", "Hello")))
+    assert "".join(e.delta.text for e in events[:-1]) == "echo: Hello"
+    assert events[-1].final.finish_reason == pb.FINISH_REASON_STOP
+    error = await expect_error(gateway.stub.Chat(chat("status-503")))
+    assert (error.code, error.info.reason) == (grpc.StatusCode.UNAVAILABLE, "PROVIDER_UNAVAILABLE")
+    assert error.info.metadata["upstream_status"] == "503"
+    error = await expect_error(collect(gateway.stub.ChatStream(chat_stream("drop"))))
+    assert (error.code, error.info.reason) == (grpc.StatusCode.UNAVAILABLE, "PROVIDER_UNAVAILABLE")
+    assert error.info.metadata["failure"] == "connection", error.info.metadata
+    unreachable = await make_gateway({}, providers=[provider("http://127.0.0.1:9/v1")])  # type: ignore[operator]
+    error = await expect_error(unreachable.stub.Chat(chat("m")))
+    assert error.info.metadata["failure"] == "connection"

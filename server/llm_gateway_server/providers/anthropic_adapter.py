@@ -1,4 +1,5 @@
-"""Anthropic on the official `anthropic` SDK (2.x: API version 2026-10-21, httpx2 transport).
+"""Anthropic on the official `anthropic` SDK (2.x: API version 2026-10-21; httpx2 interface over an
+aiohttp transport by default, see `sdk_http`).
 
 One `AsyncAnthropic` client per configured provider, reused, `max_retries=0`. Each call passes
 `timeout=` from the caller's remaining deadline (which also skips the SDK's client-side refusal of
@@ -32,6 +33,7 @@ from ..domain import (
 from ..errors import GatewayError
 from . import anthropic_mapping, errors
 from .base import Provider
+from .sdk_http import HttpClientKind, sdk_http_client
 from .stainless_errors import SdkCalls
 
 MODELS_PAGE_SIZE = 100
@@ -49,6 +51,7 @@ class AnthropicProvider(SdkCalls, Provider):
         base_url: API root without `/v1` (None: the SDK default, api.anthropic.com).
         passthrough: route models absent from the catalog to this provider.
         max_connections: HTTP connection pool size.
+        http_client: the SDK's HTTP transport, "aiohttp" or "httpx" (see `sdk_http`).
     """
 
     kind = "anthropic"
@@ -58,7 +61,14 @@ class AnthropicProvider(SdkCalls, Provider):
     supports_embeddings = False
 
     def __init__(
-        self, name: str, *, api_key: str, base_url: str | None, passthrough: bool, max_connections: int = 200
+        self,
+        name: str,
+        *,
+        api_key: str,
+        base_url: str | None,
+        passthrough: bool,
+        max_connections: int = 200,
+        http_client: HttpClientKind = "aiohttp",
     ) -> None:
         self.name = name
         self.passthrough = passthrough
@@ -66,9 +76,7 @@ class AnthropicProvider(SdkCalls, Provider):
             api_key=api_key,
             base_url=base_url,
             max_retries=0,
-            http_client=anthropic.DefaultAsyncHttpxClient(
-                limits=httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-            ),
+            http_client=sdk_http_client(anthropic, httpx2.Limits, http_client, max_connections),
         )
 
     def plan_chat(self, request: ChatRequest) -> tuple[Warning, ...]:

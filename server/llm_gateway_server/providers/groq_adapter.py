@@ -20,6 +20,7 @@ from ..domain import ChatRequest, ProviderEmbedResult, Usage, Warning
 from ..errors import GatewayError
 from . import openai_mapping
 from .openai_adapter import OpenAIProvider
+from .sdk_http import HttpClientKind, sdk_http_client
 
 
 class GroqProvider(OpenAIProvider):
@@ -32,14 +33,14 @@ class GroqProvider(OpenAIProvider):
     _chat_path: ClassVar[str] = "/openai/v1/chat/completions"
     _response_type: ClassVar[type] = httpx.Response
 
-    def _make_client(self, api_key: str, base_url: str | None, max_connections: int) -> Any:
+    def _make_client(
+        self, api_key: str, base_url: str | None, max_connections: int, http_client: HttpClientKind
+    ) -> Any:
         return groq.AsyncGroq(
             api_key=api_key,
             base_url=base_url,
             max_retries=0,
-            http_client=groq.DefaultAsyncHttpxClient(
-                limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-            ),
+            http_client=sdk_http_client(groq, httpx.Limits, http_client, max_connections),
         )
 
     def plan_chat(self, request: ChatRequest) -> tuple[Warning, ...]:

@@ -1,5 +1,5 @@
 """OpenAI and OpenAI-compatible servers (vLLM, llama.cpp, LM Studio, Together, …) on the official
-`openai` SDK (3.x, httpx2 transport).
+`openai` SDK (3.x; httpx2 interface over an aiohttp transport by default, see `sdk_http`).
 
 One `AsyncOpenAI` client per configured provider, created at start-up and reused (connection
 pooling), with `max_retries=0`: the gateway owns retries. Each call passes `timeout=` from the
@@ -30,6 +30,7 @@ from ..domain import (
 from ..errors import GatewayError
 from . import errors, openai_mapping
 from .base import Provider
+from .sdk_http import HttpClientKind, sdk_http_client
 from .stainless_errors import SdkCalls
 
 T = TypeVar("T")
@@ -61,6 +62,7 @@ class OpenAIProvider(SdkCalls, Provider):
         base_url: API root including `/v1` (None: the SDK default, api.openai.com).
         passthrough: route models absent from the catalog to this provider.
         max_connections: HTTP connection pool size.
+        http_client: the SDK's HTTP transport, "aiohttp" or "httpx" (see `sdk_http`).
     """
 
     kind = "openai"
@@ -80,19 +82,20 @@ class OpenAIProvider(SdkCalls, Provider):
         base_url: str | None,
         passthrough: bool,
         max_connections: int = 200,
+        http_client: HttpClientKind = "aiohttp",
     ) -> None:
         self.name = name
         self.passthrough = passthrough
-        self._client = self._make_client(api_key, base_url, max_connections)
+        self._client = self._make_client(api_key, base_url, max_connections, http_client)
 
-    def _make_client(self, api_key: str, base_url: str | None, max_connections: int) -> Any:
+    def _make_client(
+        self, api_key: str, base_url: str | None, max_connections: int, http_client: HttpClientKind
+    ) -> Any:
         return openai.AsyncOpenAI(
             api_key=api_key,
             base_url=base_url,
             max_retries=0,
-            http_client=openai.DefaultAsyncHttpxClient(
-                limits=httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-            ),
+            http_client=sdk_http_client(openai, httpx2.Limits, http_client, max_connections),
         )
 
     def _chat_params(self, request: ChatRequest, model: str, *, stream: bool) -> dict[str, Any]:

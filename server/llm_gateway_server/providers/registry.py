@@ -36,6 +36,7 @@ def _openai(settings: ProviderSettings, environ: Mapping[str, str]) -> Provider:
         base_url=settings.base_url,
         passthrough=settings.resolved_passthrough(),
         max_connections=settings.max_connections,
+        http_client=settings.http_client,
     )
 
 
@@ -56,6 +57,7 @@ def _anthropic(settings: ProviderSettings, environ: Mapping[str, str]) -> Provid
         base_url=settings.base_url,
         passthrough=settings.resolved_passthrough(),
         max_connections=settings.max_connections,
+        http_client=settings.http_client,
     )
 
 
@@ -68,6 +70,7 @@ def _groq(settings: ProviderSettings, environ: Mapping[str, str]) -> Provider:
         base_url=settings.base_url,
         passthrough=settings.resolved_passthrough(),
         max_connections=settings.max_connections,
+        http_client=settings.http_client,
     )
 
 

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from types import ModuleType
 from typing import Any, ClassVar
 
+import aiohttp
 import httpx
 import httpx2
 
@@ -17,6 +18,23 @@ from ..errors import GatewayError
 from . import errors
 
 ErrorFields = Callable[[object], tuple[str, str]]
+
+
+def _dropped_connection(exc: BaseException) -> aiohttp.ClientConnectionError | None:
+    """The aiohttp connection error (not a timeout) behind `exc`, or None.
+
+    The SDKs' aiohttp transport maps every `aiohttp.ClientConnectionError` to httpx's
+    `ConnectTimeout`, which the SDK raises as `APITimeoutError`; a refused or dropped connection
+    is a connection failure, not a timeout, so the cause chain decides.
+    """
+    seen: BaseException | None = exc
+    for _ in range(8):  # the chain is short: SDK error <- httpx error <- aiohttp error
+        if seen is None:
+            return None
+        if isinstance(seen, aiohttp.ClientConnectionError) and not isinstance(seen, TimeoutError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def map_sdk_error(
@@ -46,6 +64,9 @@ def map_sdk_error(
             retry_after_s=errors.parse_retry_after(dict(exc.response.headers)),
         )
     if isinstance(exc, sdk.APITimeoutError):
+        dropped = _dropped_connection(exc)
+        if dropped is not None:
+            return errors.connection_failed(provider, model, repr(dropped))
         return errors.upstream_timeout(provider, model, timeout_s)
     if isinstance(exc, sdk.APIConnectionError):
         return errors.connection_failed(provider, model, str(exc.__cause__ or exc))
