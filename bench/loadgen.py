@@ -92,18 +92,30 @@ def _nonce() -> str:
 
 
 class GatewayClient:
-    """Calls the gateway through the generated stubs (one channel per client)."""
+    """Calls the gateway through the generated stubs, call i on connection i mod `connections`.
 
-    def __init__(self, target: str, api_key: str) -> None:
-        self.channel = grpc.aio.insecure_channel(target)
-        self.stub = pb_grpc.LLMGatewayServiceStub(self.channel)
+    Several connections stand for several client processes: `serve --workers N` shares one port
+    with SO_REUSEPORT, which balances connections (not calls) across the workers, so one HTTP/2
+    connection would reach one worker only. Each channel gets its own subchannel pool, hence its
+    own TCP connection.
+    """
+
+    def __init__(self, target: str, api_key: str, connections: int = 8) -> None:
+        self.channels = [
+            grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+            for _ in range(connections)
+        ]
+        self.stubs = [pb_grpc.LLMGatewayServiceStub(channel) for channel in self.channels]
         self.metadata = (("authorization", f"Bearer {api_key}"),)
+
+    def _stub(self, i: int) -> pb_grpc.LLMGatewayServiceStub:
+        return self.stubs[i % len(self.stubs)]
 
     def chat(self, model: str, unique: bool = True) -> Call:
         nonce = _nonce() if unique else ""
 
         async def call(i: int) -> None:
-            await self.stub.Chat(
+            await self._stub(i).Chat(
                 pb.ChatRequest(model=model, messages=_messages(i, nonce)), metadata=self.metadata, timeout=30
             )
 
@@ -115,7 +127,7 @@ class GatewayClient:
         async def call(i: int) -> float | None:
             first = None
             final = False
-            async for event in self.stub.ChatStream(
+            async for event in self._stub(i).ChatStream(
                 pb.ChatStreamRequest(model=model, messages=_messages(i, nonce)), metadata=self.metadata, timeout=60
             ):
                 if first is None:
@@ -131,14 +143,15 @@ class GatewayClient:
         nonce = _nonce()
 
         async def call(i: int) -> None:
-            await self.stub.Embed(
+            await self._stub(i).Embed(
                 pb.EmbedRequest(model=model, inputs=[f"text {nonce} {i}"]), metadata=self.metadata, timeout=30
             )
 
         return call
 
     async def close(self) -> None:
-        await self.channel.close()
+        for channel in self.channels:
+            await channel.close()
 
 
 class DirectClient:

@@ -18,6 +18,10 @@ from .emulators.openai_server import OpenAIEmulator
 ISSUE_JSON = '{"model":"m","messages":[{"role":"ROLE_USER","content":[{"text":"Hi"}]}]}'
 
 
+def _openai_env(upstream: OpenAIEmulator) -> dict[str, str]:
+    return {"OPENAI_API_KEY": OPENAI_TEST_KEY, "OPENAI_BASE_URL": upstream.base_url}
+
+
 async def test_chat_returns_answer_usage_model_provider(gateway: Gateway, openai_upstream: OpenAIEmulator) -> None:
     request = json_format.Parse(ISSUE_JSON, pb.ChatRequest())
     response = await gateway.stub.Chat(request)
@@ -48,7 +52,10 @@ async def test_catalog_model_gets_cost(gateway: Gateway) -> None:
     assert response.cost.total_usd == pytest.approx(response.cost.input_usd + response.cost.output_usd)
 
 
-async def test_stream_sends_deltas_then_final_with_usage(gateway: Gateway, openai_upstream: OpenAIEmulator) -> None:
+async def test_stream_sends_deltas_then_final_with_usage(make_gateway: object, openai_upstream: OpenAIEmulator) -> None:
+    # Coalescing off: this checks that every upstream chunk becomes a delta (tests/test_coalescing.py
+    # covers the default, which merges deltas that wait).
+    gateway = await make_gateway(_openai_env(openai_upstream), stream_coalescing=False)  # type: ignore[operator]
     request = json_format.Parse(ISSUE_JSON, pb.ChatStreamRequest())
     messages = await collect(gateway.stub.ChatStream(request))
     deltas = [m for m in messages if m.WhichOneof("event") == "delta"]
@@ -155,7 +162,10 @@ async def test_tool_calls_round_trip(gateway: Gateway, openai_upstream: OpenAIEm
     assert sent[2] == {"role": "tool", "content": '{"temp_c": 21}', "tool_call_id": "call_emul_1"}
 
 
-async def test_streamed_tool_call_fragments_are_assembled(gateway: Gateway) -> None:
+async def test_streamed_tool_call_fragments_are_assembled(
+    make_gateway: object, openai_upstream: OpenAIEmulator
+) -> None:
+    gateway = await make_gateway(_openai_env(openai_upstream), stream_coalescing=False)  # type: ignore[operator]
     tools = [pb.Tool(name="get_weather")]
     messages = await collect(gateway.stub.ChatStream(chat_stream("tools", tools=tools)))
     fragments = [f for m in messages if m.WhichOneof("event") == "delta" for f in m.delta.tool_calls]

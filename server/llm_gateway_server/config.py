@@ -255,6 +255,8 @@ class Settings(BaseSettings):
         attempt_timeout_s: bound on one attempt until its answer (unary) or its first stream event,
             seconds; a slower deployment counts as failed and the next one is tried.
         stream_idle_timeout_s: longest wait between two stream events once streaming, seconds.
+        stream_coalescing: merge the deltas already waiting when the next stream message is
+            written (fewer gRPC messages under bursts, no added latency; transport/coalesce.py).
         fallback_to_equivalents: fall back to the catalog's equivalent models by default.
         auth, rate_limits, cache: interceptor settings (see their classes).
         redis_url: Redis for shared cache and limits (also read from `REDIS_URL`); None: in memory.
@@ -282,6 +284,7 @@ class Settings(BaseSettings):
     breaker: BreakerSettings = Field(default_factory=BreakerSettings)
     attempt_timeout_s: float = Field(default=60.0, gt=0, le=3600)
     stream_idle_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+    stream_coalescing: bool = True
     fallback_to_equivalents: bool = True
     auth: AuthSettings = Field(default_factory=AuthSettings)
     rate_limits: RateLimitSettings = Field(default_factory=RateLimitSettings)

@@ -24,6 +24,7 @@ Behaviour is chosen by the requested model name, so one emulator serves every sc
 | `stream-error`   | streams one chunk, then `data: {"error": {...}}`                         |
 | `length`         | finish_reason `length`                                                   |
 | `slow-<ms>`      | waits <ms> milliseconds, then answers normally                            |
+| `paced-<ms>`     | streams like the default, waiting <ms> milliseconds after every chunk    |
 | `flaky-<N>-<K>`  | the first K calls with this model fail with HTTP N (429 adds             |
 |                  | `retry-after-ms: 30`), later calls answer normally                       |
 | `drop`           | closes the connection without answering (unary and streaming)           |
@@ -200,9 +201,13 @@ class OpenAIEmulator(LoopbackEmulator):
             "model": model,
         }
 
+        pace_s = int(model.removeprefix("paced-")) / 1000 if model.startswith("paced-") else 0.0
+
         async def send(obj: Any) -> None:
             payload = obj if isinstance(obj, str) else json.dumps(obj)
             await response.write(f"data: {payload}\n\n".encode())
+            if pace_s:
+                await asyncio.sleep(pace_s)
 
         def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
             return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}

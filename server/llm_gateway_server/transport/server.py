@@ -178,7 +178,7 @@ async def start_server(settings: Settings, environ: Mapping[str, str] | None = N
     resolver = Resolver(catalog, registry, settings.aliases)
     router = Router(catalog, resolver, executor, fallback_to_equivalents=settings.fallback_to_equivalents)
     directory = ModelDirectory(catalog, registry, ttl_s=settings.models_list_ttl_s, states=states)
-    servicer = LLMGatewayServicer(router, directory, settings.default_deadline_s)
+    servicer = LLMGatewayServicer(router, directory, settings.default_deadline_s, settings.stream_coalescing)
 
     metrics = Metrics() if settings.metrics_port else None
     if metrics is not None:

@@ -27,6 +27,7 @@ from ..routing.models import ModelDirectory
 from ..routing.router import CallContext, Router
 from . import convert, validation
 from .call import current_call
+from .coalesce import coalesced
 from .status import abort
 
 log = structlog.get_logger(__name__)
@@ -100,12 +101,17 @@ class LLMGatewayServicer(pb_grpc.LLMGatewayServiceServicer):  # type: ignore[mis
         router: runs chat and embedding calls.
         models: answers ListModels / GetModel.
         default_deadline_s: bound on a call whose client set no deadline, seconds.
+        coalesce_deltas: merge the stream deltas already waiting when the next message is
+            written (see `transport.coalesce`).
     """
 
-    def __init__(self, router: Router, models: ModelDirectory, default_deadline_s: float) -> None:
+    def __init__(
+        self, router: Router, models: ModelDirectory, default_deadline_s: float, coalesce_deltas: bool = True
+    ) -> None:
         self.router = router
         self.models = models
         self.default_deadline_s = default_deadline_s
+        self.coalesce_deltas = coalesce_deltas
 
     @_rpc
     async def Chat(
@@ -123,6 +129,8 @@ class LLMGatewayServicer(pb_grpc.LLMGatewayServiceServicer):  # type: ignore[mis
         """Server-streaming chat: deltas, then one final event."""
         validation.check_chat(request)
         events = self.router.chat_stream(convert.chat_request_in(request), ctx)
+        if self.coalesce_deltas:
+            events = coalesced(events)
         try:
             async for event in events:
                 yield convert.stream_event_out(ctx.request_id, event)
