@@ -154,11 +154,42 @@ class GatewayClient:
             await channel.close()
 
 
+class FloorClient:
+    """Calls `bench/grpc_floor.py` (a bare grpc.aio server) through one channel."""
+
+    def __init__(self, target: str) -> None:
+        self.channel = grpc.aio.insecure_channel(target)
+        self._unary = self.channel.unary_unary("/floor.Floor/Unary")
+        self._stream = self.channel.unary_stream("/floor.Floor/Stream")
+
+    def unary(self) -> Call:
+        async def call(i: int) -> None:
+            await self._unary(b"q" * 100, timeout=30)
+
+        return call
+
+    def stream(self) -> Call:
+        async def call(i: int) -> float | None:
+            first = None
+            async for _ in self._stream(b"q", timeout=30):
+                if first is None:
+                    first = time.perf_counter()
+            return first
+
+        return call
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
 class DirectClient:
-    """Calls the upstream directly with the official openai SDK (what the gateway itself does)."""
+    """Calls the upstream directly with the official openai SDK on the transport the gateway uses
+    by default (aiohttp): what an application without the gateway would do."""
 
     def __init__(self, base_url: str) -> None:
-        self.client = openai.AsyncOpenAI(api_key="bench", base_url=base_url, max_retries=0)
+        self.client = openai.AsyncOpenAI(
+            api_key="bench", base_url=base_url, max_retries=0, http_client=openai.DefaultAioHttpClient()
+        )
 
     def chat(self) -> Call:
         async def call(i: int) -> None:

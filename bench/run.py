@@ -30,7 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from llm_gateway_server.interceptors.auth import hash_key
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from loadgen import DirectClient, GatewayClient, Result, drive
+from loadgen import DirectClient, FloorClient, GatewayClient, Result, drive
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "bench" / ".run"
@@ -145,6 +145,21 @@ async def measure(gateway: Gateway, call: Any, conc: int, count: int, max_s: flo
     return result, cpu_seconds(gateway.pids) - before
 
 
+async def measure_machine(
+    gateway: Gateway, upstream: subprocess.Popen[bytes], call: Any, conc: int, count: int, max_s: float
+) -> tuple[Result, float, dict[str, float]]:
+    """As `measure`, plus the CPU ms per call of the load generator (this process) and of the
+    upstream: on a 2-core machine they share the cores with the gateway."""
+    before = cpu_seconds(gateway.pids), time.process_time(), cpu_seconds([upstream.pid])
+    result = await drive(call, conc, count, max_s)
+    calls = max(result.calls, 1)
+    shares = {
+        "loadgen_cpu_ms_per_call": (time.process_time() - before[1]) / calls * 1000.0,
+        "upstream_cpu_ms_per_call": (cpu_seconds([upstream.pid]) - before[2]) / calls * 1000.0,
+    }
+    return result, cpu_seconds(gateway.pids) - before[0], shares
+
+
 COUNTS = {1: 400, 10: 2000, 50: 4000}
 
 
@@ -171,6 +186,14 @@ async def bench(quick: bool) -> dict[str, Any]:
             stdout=subprocess.DEVNULL,
         ),
     ]
+    floor_port = free_port()
+    upstreams.append(
+        subprocess.Popen(
+            [sys.executable, str(ROOT / "bench" / "grpc_floor.py"), "--port", str(floor_port)],
+            stdout=subprocess.DEVNULL,
+        )
+    )
+    floor = Gateway(upstreams[-1], floor_port, 1)
     redis_port = free_port()
     redis_server = subprocess.Popen(
         [shutil.which("redis-server") or "redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"],
@@ -197,6 +220,8 @@ async def bench(quick: bool) -> dict[str, Any]:
             await wait_serving(gateway.target)
         clients = {g.target: GatewayClient(g.target, API_KEY) for g in (g1, g2, g3)}
         direct = DirectClient(f"http://127.0.0.1:{up_fast}/v1")
+        floor_client = FloorClient(floor.target)
+        await drive(floor_client.unary(), 4, 200, 10)
         c1, c2, c3 = clients[g1.target], clients[g2.target], clients[g3.target]
         # warm-up: connections, imports, tokenizer-free paths
         await drive(c1.chat("bench"), 4, 200, 10)
@@ -209,9 +234,19 @@ async def bench(quick: bool) -> dict[str, Any]:
         for conc in concurrencies:
             count = COUNTS[conc] // (4 if quick else 1)
             max_s = 20.0
+            if conc == 1:
+                fl, cpu = await measure(floor, floor_client.unary(), conc, count, max_s)
+                rows.append(row("gRPC floor: bare grpc.aio unary", conc, fl, None, cpu, peak_rss_mb(floor.pids)))
+                fl, cpu = await measure(floor, floor_client.stream(), conc, count // 4, max_s)
+                rows.append(
+                    row("gRPC floor: bare grpc.aio stream (50 msgs)", conc, fl, None, cpu, peak_rss_mb(floor.pids), 50)
+                )
+            client_cpu = time.process_time()
             d_chat = await drive(direct.chat(), conc, count, max_s)
+            client_cpu = time.process_time() - client_cpu
             gw, cpu = await measure(g1, c1.chat("bench"), conc, count, max_s)
             rows.append(row("unary chat", conc, gw, d_chat, cpu, peak_rss_mb(g1.pids)))
+            rows[-1]["direct_client_cpu_ms_per_call"] = client_cpu / max(d_chat.calls, 1) * 1000.0
             d_stream = await drive(direct.stream(), conc, count // 4, max_s)
             gw, cpu = await measure(g1, c1.stream("bench"), conc, count // 4, max_s)
             rows.append(row(f"streamed chat ({chunks} chunks)", conc, gw, d_stream, cpu, peak_rss_mb(g1.pids), chunks))
@@ -223,8 +258,12 @@ async def bench(quick: bool) -> dict[str, Any]:
             gw, cpu = await measure(g2, c2.chat("bench"), conc, count, max_s)
             rows.append(row("unary chat, rate limit + cache on Redis", conc, gw, d_chat, cpu, peak_rss_mb(g2.pids)))
             if conc == 50:
-                gw, cpu = await measure(g3, c3.chat("bench"), conc, count, max_s)
+                gw, cpu, shares = await measure_machine(g1, upstreams[0], c1.chat("bench"), conc, count, max_s)
+                extra["one_worker"] = {"throughput": gw.throughput, "cpu_ms_per_call": cpu / max(gw.calls, 1) * 1e3}
+                extra["one_worker"].update(shares)
+                gw, cpu, shares = await measure_machine(g3, upstreams[0], c3.chat("bench"), conc, count, max_s)
                 rows.append(row("unary chat, --workers 2", conc, gw, d_chat, cpu, peak_rss_mb(g3.pids)))
+                rows[-1].update(shares)
         # 1000 concurrent open streams (upstream sends 50 chunks 40 ms apart: ~2 s each)
         streams = 250 if quick else 1000
         rss_before = peak_rss_mb(g1.pids)
@@ -241,6 +280,7 @@ async def bench(quick: bool) -> dict[str, Any]:
         for client in clients.values():
             await client.close()
         await direct.close()
+        await floor_client.close()
     finally:
         for process in (g1.process, g2.process, g3.process, *upstreams, redis_server):
             process.terminate()
@@ -284,7 +324,10 @@ def write_results(data: dict[str, Any], path: Path) -> None:
         f"- machine: {machine()} (shared and noisy: compare ratios within this run)",
         "- gateway: full interceptor chain on (auth, rate limit, cache enabled with misses, JSON logging, metrics);"
         " loopback upstream bench/upstream.py; load generator in one process (uvloop)",
-        "- direct: the same call with the official openai SDK straight to the upstream (the zero-overhead limit)",
+        "- direct: the same call with the official openai SDK (aiohttp transport, as the gateway) straight to the"
+        " upstream (the zero-overhead limit)",
+        "- gRPC floor: bench/grpc_floor.py, a bare grpc.aio server (uvloop, no interceptors, no protobuf, no"
+        " upstream): what any Python gRPC service pays per call and per message here",
         "",
         "| scenario | conc | calls | err | p50 ms | p90 ms | p99 ms | direct p50 / p99 ms | added p50 / p99 ms"
         " | calls/s (direct) | gateway CPU ms/call | TTFT p50 ms (direct) | CPU µs/chunk | peak RSS MB |",
@@ -313,13 +356,17 @@ def write_results(data: dict[str, Any], path: Path) -> None:
             f" p99 {fmt(streams['p99_ms'])} ms, gateway peak RSS {fmt(streams['peak_rss_mb'], 0)} MB"
             f" (before: {fmt(streams['peak_rss_before_mb'], 0)} MB).",
         ]
-    one = next((r for r in data["rows"] if r["scenario"] == "unary chat" and r["concurrency"] == 50), None)
+    one = data.get("one_worker")
     two = next((r for r in data["rows"] if r["scenario"] == "unary chat, --workers 2"), None)
     if one and two:
+        lines += ["", *worker_lines(one, two)]
+    unary = _find(data, "unary chat", 1)
+    if unary and "direct_client_cpu_ms_per_call" in unary:
         lines += [
             "",
-            f"Workers: `--workers 2` served {fmt(two['throughput'], 0)} calls/s at concurrency 50 against"
-            f" {fmt(one['throughput'], 0)} for one worker: {fmt(two['throughput'] / one['throughput'])}×.",
+            "Direct SDK client (load generator process, concurrency 1):"
+            f" {fmt(unary['direct_client_cpu_ms_per_call'], 3)} ms of CPU per non-streamed call:"
+            " the official SDK's own cost, which the gateway pays too.",
         ]
     lines += ["", *budget_lines(data)]
     notes = ROOT / "bench" / "NOTES.md"
@@ -329,6 +376,25 @@ def write_results(data: dict[str, Any], path: Path) -> None:
     (path.parent / "results.json").write_text(json.dumps(data, indent=2))
 
 
+def worker_lines(one: dict[str, Any], two: dict[str, Any]) -> list[str]:
+    """The `--workers 2` result and the most this machine's cores allow, from the measured CPU per
+    call of the gateway, the load generator and the upstream (they share the same cores)."""
+    cores = os.cpu_count() or 1
+    others = two["loadgen_cpu_ms_per_call"] + two["upstream_cpu_ms_per_call"]
+    one_cap = min(1000.0 / one["cpu_ms_per_call"], cores * 1000.0 / (one["cpu_ms_per_call"] + others))
+    two_cap = min(2000.0 / two["cpu_ms_per_call"], cores * 1000.0 / (two["cpu_ms_per_call"] + others))
+    return [
+        f"Workers: `--workers 2` served {fmt(two['throughput'], 0)} calls/s at concurrency 50 against"
+        f" {fmt(one['throughput'], 0)} for one worker: {fmt(two['throughput'] / one['throughput'])}×"
+        f" (8 client connections; SO_REUSEPORT balances connections). CPU per call: gateway"
+        f" {fmt(one['cpu_ms_per_call'], 3)} ms (1 worker) / {fmt(two['cpu_ms_per_call'], 3)} ms (2 workers),"
+        f" load generator {fmt(two['loadgen_cpu_ms_per_call'], 3)} ms,"
+        f" upstream {fmt(two['upstream_cpu_ms_per_call'], 3)} ms."
+        f" With all of them on {cores} cores, the ceiling is {fmt(one_cap, 0)} calls/s for one worker and"
+        f" {fmt(two_cap, 0)} for two: {fmt(two_cap / one_cap)}× at most on this machine.",
+    ]
+
+
 def _find(data: dict[str, Any], scenario: str, conc: int) -> dict[str, Any] | None:
     return next((r for r in data["rows"] if r["scenario"] == scenario and r["concurrency"] == conc), None)
 
@@ -336,7 +402,7 @@ def _find(data: dict[str, Any], scenario: str, conc: int) -> dict[str, Any] | No
 def budget_lines(data: dict[str, Any]) -> list[str]:
     """The issue's budget, each figure beside what this run measured."""
     unary, stream = _find(data, "unary chat", 1), _find(data, "streamed chat (50 chunks)", 1)
-    hit, one = _find(data, "cache hit (memory)", 1), _find(data, "unary chat", 50)
+    hit, one = _find(data, "cache hit (memory)", 1), data.get("one_worker")
     two = _find(data, "unary chat, --workers 2", 50)
     streams = data.get("open_streams") or {}
     checks: list[tuple[str, str, float | None, float, bool]] = []  # what, unit, measured, budget, lower is better

@@ -81,15 +81,27 @@ async def test_requests_per_minute(
     for _ in range(3):
         call = gateway.stub.Chat(chat("m"))
         await call
-        metadata = dict(await call.initial_metadata())
+        metadata = dict(await call.trailing_metadata())
         remaining.append(metadata["x-ratelimit-remaining-requests"])
         assert metadata["x-ratelimit-limit-requests"] == "3" and metadata["x-ratelimit-reset-requests"].endswith("s")
+        assert metadata["x-request-id"], "the servicer's trailer is kept beside the limits"
     assert remaining == ["2", "1", "0"]
     error = await expect_error(gateway.stub.Chat(chat("m")))
     assert (error.code, error.info.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMIT_EXCEEDED")
     assert error.retry is not None and 0 <= error.retry.retry_delay.seconds <= 60
     assert error.info.metadata["limit"] == "requests" and error.info.metadata["scope"] == "peer:127.0.0.1"
     assert len(openai_upstream.requests) == 3
+
+
+async def test_a_stream_gets_its_limits_before_its_first_message(
+    make_gateway: GatewayFactory, openai_upstream: OpenAIEmulator
+) -> None:
+    _wait_for_fresh_window()
+    gateway = await _gateway(make_gateway, openai_upstream, None, rate_limits={"default_rpm": 5})
+    call = gateway.stub.ChatStream(chat_stream("stall-stream"))
+    metadata = dict(await call.initial_metadata())
+    assert metadata["x-ratelimit-limit-requests"] == "5" and metadata["x-ratelimit-remaining-requests"] == "4"
+    call.cancel()
 
 
 async def test_tokens_per_minute_reserve_and_reconcile(
@@ -100,7 +112,7 @@ async def test_tokens_per_minute_reserve_and_reconcile(
     request = chat("m", generation=pb.GenerationOptions(max_output_tokens=150))  # reserves 1 (text) + 4 (framing) + 150
     call = gateway.stub.Chat(request)
     await call
-    assert dict(await call.initial_metadata())["x-ratelimit-remaining-tokens"] == str(200 - 155)  # 1 + 4 + 150
+    assert dict(await call.trailing_metadata())["x-ratelimit-remaining-tokens"] == str(200 - 155)  # 1 + 4 + 150
     client = redis.Redis(port=redis_server.port)
     window = int(time.time() // 60)
     assert int(client.get(f"llmgw:{{peer:127.0.0.1}}:tok:{window}") or 0) == 18  # reconciled to the real usage

@@ -5,8 +5,8 @@ A gRPC message costs the gateway ~70-90 µs of CPU whatever its size (bench/NOTE
 grpc.aio server on this machine), while parsing an upstream chunk costs ~25 µs. Upstreams often
 deliver several chunks in one TCP read (a fast model, a provider that batches tokens, a network
 hiccup). `coalesced` runs the router's stream in a pump task; each time the writer is ready for
-the next message it takes every delta already waiting and sends them as one. The first delta
-is never held back: a delta waits only while the previous message is being written.
+the next message it takes every delta already waiting and sends them as one. A delta is never
+held back for a later one: it waits only while the previous message is being written.
 
 Merging is lossless: texts are concatenated; tool-call fragments keep their order, and a
 fragment that continues the previous one (same index, no id or name) has its arguments appended
@@ -16,6 +16,7 @@ to it. Deltas of different deployments are never merged (they cannot be: one str
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import AsyncIterator
 
 from ..domain import ChatDelta, ChatStreamDelta, ChatStreamEvent, ToolCallDelta
@@ -50,50 +51,80 @@ def merge_deltas(deltas: list[ChatStreamDelta]) -> ChatStreamDelta:
     return ChatStreamDelta(model=first.model, provider=first.provider, delta=ChatDelta(text, tuple(fragments)))
 
 
+class _Pipe:
+    """Events from the pump to the writer: a deque, the writer's wake-up future while it waits
+    for an event, and the pump's while the backlog is full."""
+
+    __slots__ = ("items", "reader", "writer")
+
+    def __init__(self) -> None:
+        self.items: deque[ChatStreamEvent | _End] = deque()
+        self.reader: asyncio.Future[None] | None = None  # the writer waits for an event
+        self.writer: asyncio.Future[None] | None = None  # the pump waits for room
+
+    @staticmethod
+    def wake(future: asyncio.Future[None] | None) -> None:
+        if future is not None and not future.done():
+            future.set_result(None)
+
+
 async def coalesced(events: AsyncIterator[ChatStreamEvent]) -> AsyncIterator[ChatStreamEvent]:
     """Yields `events` in order, merging the deltas that are already waiting at each step.
 
-    Errors raised by `events` are raised here after every event that preceded them. Closing or
+    When the writer is idle, an event is handed over at once (the pump yields to it before
+    parsing on), so the first delta of a burst is not delayed by the rest of the burst. Errors
+    raised by `events` are raised here after every event that preceded them. Closing or
     cancelling this generator cancels the pump, which closes `events` (and so the upstream call).
     """
-    queue: asyncio.Queue[ChatStreamEvent | _End] = asyncio.Queue(MAX_BACKLOG)
+    loop = asyncio.get_running_loop()
+    pipe = _Pipe()
+
+    async def put(item: ChatStreamEvent | _End) -> None:
+        pipe.items.append(item)
+        if pipe.reader is not None:  # the writer is idle: let it take this now
+            pipe.wake(pipe.reader)
+            pipe.reader = None
+            await asyncio.sleep(0)
+        elif len(pipe.items) >= MAX_BACKLOG:
+            pipe.writer = loop.create_future()
+            await pipe.writer
 
     async def pump() -> None:
+        end = _End(None)
         try:
             async for event in events:
-                await queue.put(event)
+                await put(event)
         except Exception as exc:  # noqa: BLE001 - handed to the writer, raised there in order
-            await queue.put(_End(exc))
-            return
+            end = _End(exc)
         finally:
             await events.aclose()  # type: ignore[attr-defined]
-        await queue.put(_End(None))
+        await put(end)
 
     task = asyncio.create_task(pump())
-    held: ChatStreamEvent | _End | None = None
     try:
         while True:
-            item = held if held is not None else await queue.get()
-            held = None
+            if not pipe.items:
+                pipe.reader = loop.create_future()
+                await pipe.reader
+            item = pipe.items.popleft()
             if isinstance(item, _End):
                 if item.error is not None:
                     raise item.error
                 return
-            if not isinstance(item, ChatStreamDelta):
-                yield item
-                continue
-            batch = [item]
-            while not queue.empty():
-                waiting = queue.get_nowait()
-                if isinstance(waiting, ChatStreamDelta) and (waiting.model, waiting.provider) == (
-                    item.model,
-                    item.provider,
-                ):
-                    batch.append(waiting)
-                else:
-                    held = waiting
-                    break
-            yield merge_deltas(batch)
+            if isinstance(item, ChatStreamDelta):
+                batch = [item]
+                while pipe.items:
+                    waiting = pipe.items[0]
+                    if not isinstance(waiting, ChatStreamDelta) or (waiting.model, waiting.provider) != (
+                        item.model,
+                        item.provider,
+                    ):
+                        break
+                    batch.append(pipe.items.popleft())
+                item = merge_deltas(batch)
+            pipe.wake(pipe.writer)
+            pipe.writer = None
+            yield item
     finally:
         if not task.done():
             task.cancel()
