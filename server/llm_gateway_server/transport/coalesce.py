@@ -120,7 +120,8 @@ async def coalesced(events: AsyncIterator[ChatStreamEvent]) -> AsyncIterator[Cha
                         item.provider,
                     ):
                         break
-                    batch.append(pipe.items.popleft())
+                    pipe.items.popleft()
+                    batch.append(waiting)
                 item = merge_deltas(batch)
             pipe.wake(pipe.writer)
             pipe.writer = None
