@@ -186,15 +186,16 @@ class DirectClient:
     """Calls the upstream directly with the official openai SDK on the transport the gateway uses
     by default (aiohttp): what an application without the gateway would do."""
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, api_key: str = "bench", model: str = "bench") -> None:
         self.client = openai.AsyncOpenAI(
-            api_key="bench", base_url=base_url, max_retries=0, http_client=openai.DefaultAioHttpClient()
+            api_key=api_key, base_url=base_url, max_retries=0, http_client=openai.DefaultAioHttpClient()
         )
+        self.model = model
 
     def chat(self) -> Call:
         async def call(i: int) -> None:
             await self.client.chat.completions.create(
-                model="bench", messages=[{"role": "user", "content": f"benchmark prompt {i}"}], timeout=30
+                model=self.model, messages=[{"role": "user", "content": f"benchmark prompt {i}"}], timeout=30
             )
 
         return call
@@ -203,7 +204,7 @@ class DirectClient:
         async def call(i: int) -> float | None:
             first = None
             stream = await self.client.chat.completions.create(
-                model="bench",
+                model=self.model,
                 messages=[{"role": "user", "content": f"benchmark prompt {i}"}],
                 stream=True,
                 stream_options={"include_usage": True},

@@ -161,9 +161,80 @@ async def measure_machine(
 
 
 COUNTS = {1: 400, 10: 2000, 50: 4000}
+LITELLM_KEY = "sk-bench-master-0123456789abcdef"
 
 
-async def bench(quick: bool) -> dict[str, Any]:
+def start_litellm(executable: Path, upstream_port: int) -> Gateway:
+    """LiteLLM proxy (its own virtualenv, `make bench-litellm`) on the same upstream, default
+    settings, one worker; `Gateway.port` is its HTTP port."""
+    port = free_port()
+    config = WORK / "litellm.yaml"
+    model = {"model": "openai/bench", "api_base": f"http://127.0.0.1:{upstream_port}/v1", "api_key": "k"}
+    config.write_text(yaml.safe_dump({"model_list": [{"model_name": "bench", "litellm_params": model}]}))
+    log = open(WORK / "litellm.log", "wb")  # noqa: SIM115 - lives as long as the process
+    env = {**os.environ, "LITELLM_MASTER_KEY": LITELLM_KEY, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    process = subprocess.Popen(
+        [str(executable), "--config", str(config), "--port", str(port), "--host", "127.0.0.1"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    return Gateway(process, port, 1)
+
+
+async def wait_http(client: DirectClient, timeout_s: float = 120) -> None:
+    """Waits until an OpenAI-compatible server answers a chat call."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await client.chat()(0)
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(1.0)
+
+
+async def bench_litellm(executable: Path, upstream_port: int, chunks: int, quick: bool) -> list[dict[str, Any]]:
+    """LiteLLM proxy beside the gateway: unary chat at concurrency 1 and 10, streamed chat at 1."""
+    proxy = start_litellm(executable, upstream_port)
+    rows: list[dict[str, Any]] = []
+    try:
+        client = DirectClient(f"http://127.0.0.1:{proxy.port}/v1", api_key=LITELLM_KEY)
+        await wait_http(client)
+        await drive(client.chat(), 4, 100, 30)
+        pids = lambda: [proxy.process.pid, *children(proxy.process.pid)]  # noqa: E731
+        for conc in (1, 10):
+            count = COUNTS[conc] // (8 if quick else 2)
+            before = cpu_seconds(pids())
+            result = await drive(client.chat(), conc, count, 60)
+            rows.append(row("LiteLLM proxy: unary chat", conc, result, None, cpu_seconds(pids()) - before, None))
+        before = cpu_seconds(pids())
+        result = await drive(client.stream(), 1, COUNTS[1] // (16 if quick else 4), 60)
+        rows.append(
+            row(
+                f"LiteLLM proxy: streamed chat ({chunks} chunks)",
+                1,
+                result,
+                None,
+                cpu_seconds(pids()) - before,
+                None,
+                chunks,
+            )
+        )
+        for r in rows:
+            r["peak_rss_mb"] = peak_rss_mb(pids())
+        await client.close()
+    finally:
+        proxy.process.terminate()
+        try:
+            proxy.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proxy.process.kill()
+    return rows
+
+
+async def bench(quick: bool, litellm: Path | None = None) -> dict[str, Any]:
     WORK.mkdir(parents=True, exist_ok=True)
     chunks = 50
     up_fast, up_slow = free_port(), free_port()
@@ -264,6 +335,8 @@ async def bench(quick: bool) -> dict[str, Any]:
                 gw, cpu, shares = await measure_machine(g3, upstreams[0], c3.chat("bench"), conc, count, max_s)
                 rows.append(row("unary chat, --workers 2", conc, gw, d_chat, cpu, peak_rss_mb(g3.pids)))
                 rows[-1].update(shares)
+        if litellm is not None:
+            rows += await bench_litellm(litellm, up_fast, chunks, quick)
         # 1000 concurrent open streams (upstream sends 50 chunks 40 ms apart: ~2 s each)
         streams = 250 if quick else 1000
         rss_before = peak_rss_mb(g1.pids)
@@ -368,6 +441,7 @@ def write_results(data: dict[str, Any], path: Path) -> None:
             f" {fmt(unary['direct_client_cpu_ms_per_call'], 3)} ms of CPU per non-streamed call:"
             " the official SDK's own cost, which the gateway pays too.",
         ]
+    lines += litellm_lines(data)
     lines += ["", *budget_lines(data)]
     notes = ROOT / "bench" / "NOTES.md"
     if notes.exists():
@@ -393,6 +467,33 @@ def worker_lines(one: dict[str, Any], two: dict[str, Any]) -> list[str]:
         f" With all of them on {cores} cores, the ceiling is {fmt(one_cap, 0)} calls/s for one worker and"
         f" {fmt(two_cap, 0)} for two: {fmt(two_cap / one_cap)}× at most on this machine.",
     ]
+
+
+def litellm_lines(data: dict[str, Any]) -> list[str]:
+    """Gateway CPU against LiteLLM proxy's, measured in this run on the same upstream."""
+    lines: list[str] = []
+    for conc in (1, 10):
+        ours, theirs = _find(data, "unary chat", conc), _find(data, "LiteLLM proxy: unary chat", conc)
+        if ours and theirs and ours["cpu_ms_per_call"] and theirs["cpu_ms_per_call"]:
+            lines.append(
+                f"- unary chat, concurrency {conc}: gateway {fmt(ours['cpu_ms_per_call'], 3)} ms of CPU per call,"
+                f" LiteLLM proxy {fmt(theirs['cpu_ms_per_call'], 3)} ms"
+                f" ({fmt(theirs['cpu_ms_per_call'] / ours['cpu_ms_per_call'], 1)}× the gateway's);"
+                f" p50 {fmt(ours['p50_ms'])} ms against {fmt(theirs['p50_ms'])} ms"
+            )
+    ours = _find(data, "streamed chat (50 chunks)", 1)
+    theirs = _find(data, "LiteLLM proxy: streamed chat (50 chunks)", 1)
+    if ours and theirs and ours.get("cpu_us_per_chunk") and theirs.get("cpu_us_per_chunk"):
+        lines.append(
+            f"- streamed chat, concurrency 1: gateway {fmt(ours['cpu_us_per_chunk'], 1)} µs of CPU per chunk,"
+            f" LiteLLM proxy {fmt(theirs['cpu_us_per_chunk'], 1)} µs"
+            f" ({fmt(theirs['cpu_us_per_chunk'] / ours['cpu_us_per_chunk'], 1)}×)"
+        )
+    return (
+        ["", "LiteLLM proxy side by side (same upstream, same run, default settings, one worker):", *lines]
+        if lines
+        else []
+    )
 
 
 def _find(data: dict[str, Any], scenario: str, conc: int) -> dict[str, Any] | None:
@@ -440,6 +541,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer calls, concurrency 1 and 10 only")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
+    parser.add_argument(
+        "--litellm", type=Path, default=None, help="the `litellm` executable of a LiteLLM proxy install (optional)"
+    )
     args = parser.parse_args()
     try:
         import uvloop  # noqa: PLC0415 - optional speed-up for the load generator
@@ -448,7 +552,7 @@ def main() -> None:
     except ImportError:
         pass
     started = time.monotonic()
-    data = asyncio.run(bench(args.quick))
+    data = asyncio.run(bench(args.quick, args.litellm))
     write_results(data, args.out)
     print(args.out.read_text())
     print(f"bench took {time.monotonic() - started:.0f} s")
