@@ -18,6 +18,7 @@ from ..config import RetrySettings
 from ..domain import Attempt, AttemptOutcome, ProviderStreamEvent
 from ..errors import GatewayError, deadline_exceeded
 from .calls import CallContext
+from .idle import IdleTimeout
 from .resolver import Deployment
 from .retry import retry_delay
 from .state import DeploymentStates
@@ -129,19 +130,40 @@ class Executor:
             GatewayError: DEADLINE_EXCEEDED at the deadline, PROVIDER_TIMEOUT at `limit_s`, or the
                 adapter's error with provider/model metadata.
         """
-        loop = asyncio.get_running_loop()
-        until = min(ctx.deadline, loop.time() + limit_s)
+        until = min(ctx.deadline, asyncio.get_running_loop().time() + limit_s)
         try:
             async with asyncio.timeout_at(until):
                 return await awaitable
-        except TimeoutError:
-            if loop.time() >= ctx.deadline - _DEADLINE_SLACK_S:
-                raise deadline_exceeded(deployment.provider.name, deployment.provider_model, limit_s) from None
-            raise attempt_timeout(deployment, limit_s, stalled) from None
-        except GatewayError as error:
-            if error.metadata.get("failure") == "timeout" and loop.time() >= ctx.deadline - _DEADLINE_SLACK_S:
-                raise deadline_exceeded(deployment.provider.name, deployment.provider_model, limit_s) from None
-            raise error.with_metadata(provider=deployment.provider.name, model=deployment.provider_model) from None
+        except (TimeoutError, GatewayError) as exc:
+            raise self._wait_failed(ctx, deployment, limit_s, stalled, exc) from None
+
+    async def next_event(
+        self, ctx: CallContext, deployment: Deployment, events: AsyncIterator[T], idle: IdleTimeout
+    ) -> T:
+        """The next event of a committed stream, within the stream's idle timeout (`idle`, one
+        timer for the whole stream) and the caller's deadline.
+
+        Raises:
+            StopAsyncIteration: the stream ended.
+            GatewayError: as `bounded`, PROVIDER_TIMEOUT meaning the stream stalled.
+        """
+        try:
+            return await idle.wait(anext(events))
+        except (TimeoutError, GatewayError) as exc:
+            raise self._wait_failed(ctx, deployment, self.settings.stream_idle_timeout_s, True, exc) from None
+
+    def _wait_failed(
+        self, ctx: CallContext, deployment: Deployment, limit_s: float, stalled: bool, exc: Exception
+    ) -> GatewayError:
+        """A bounded wait's failure as the call's error (deadline, attempt timeout or the adapter's)."""
+        past_deadline = asyncio.get_running_loop().time() >= ctx.deadline - _DEADLINE_SLACK_S
+        if isinstance(exc, GatewayError):
+            if exc.metadata.get("failure") == "timeout" and past_deadline:
+                return deadline_exceeded(deployment.provider.name, deployment.provider_model, limit_s)
+            return exc.with_metadata(provider=deployment.provider.name, model=deployment.provider_model)
+        if past_deadline:
+            return deadline_exceeded(deployment.provider.name, deployment.provider_model, limit_s)
+        return attempt_timeout(deployment, limit_s, stalled)
 
     def _budget(self, ctx: CallContext) -> float:
         return min(ctx.deadline - asyncio.get_running_loop().time(), self.settings.attempt_timeout_s)

@@ -41,6 +41,7 @@ from .accounting import cost_of, usage_or_estimate
 from .attempts import Executor
 from .calls import CallContext, ToolCallAssembler
 from .catalog import Catalog
+from .idle import IdleTimeout
 from .resolver import Deployment, Resolver
 from .strategies import order
 
@@ -217,6 +218,7 @@ class Router:
         output_chars = 0
         end: ProviderStreamEnd | None = None
         event = stream.first
+        idle = IdleTimeout(self._executor.settings.stream_idle_timeout_s, ctx.deadline)
         try:
             while True:
                 if isinstance(event, ChatDelta):
@@ -231,9 +233,7 @@ class Router:
                     end = event
                     break
                 try:
-                    event = await self._executor.bounded(
-                        ctx, deployment, anext(stream.rest), self._executor.settings.stream_idle_timeout_s, stalled=True
-                    )
+                    event = await self._executor.next_event(ctx, deployment, stream.rest, idle)
                 except StopAsyncIteration:
                     break
         except GatewayError as error:
@@ -247,6 +247,7 @@ class Router:
                 attempts=log.summary(),
             ) from None
         finally:
+            idle.close()
             state.in_flight -= 1
             await stream.rest.aclose()  # type: ignore[attr-defined]
         if end is None:  # adapters raise instead; this guards the contract
