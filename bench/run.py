@@ -385,16 +385,29 @@ def fmt(value: Any, digits: int = 2) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def write_results(data: dict[str, Any], path: Path) -> None:
+def run_facts() -> dict[str, str]:
+    """When, on which commit and on what machine a run happened (stored with its results)."""
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True, cwd=ROOT
     ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], check=False, capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+    return {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit + (" (with uncommitted changes)" if dirty else ""),
+        "machine": machine(),
+    }
+
+
+def write_results(data: dict[str, Any], path: Path) -> None:
+    facts = data.get("facts") or run_facts()
     lines = [
         "# Benchmark results",
         "",
-        f"- date: {dt.datetime.now(dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- commit: {commit}",
-        f"- machine: {machine()} (shared and noisy: compare ratios within this run)",
+        f"- date: {facts['date']}",
+        f"- commit: {facts['commit']}",
+        f"- machine: {facts['machine']} (shared and noisy: compare ratios within this run)",
         "- gateway: full interceptor chain on (auth, rate limit, cache enabled with misses, JSON logging, metrics);"
         " loopback upstream bench/upstream.py; load generator in one process (uvloop)",
         "- direct: the same call with the official openai SDK (aiohttp transport, as the gateway) straight to the"
@@ -542,6 +555,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer calls, concurrency 1 and 10 only")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "RESULTS.md")
     parser.add_argument(
+        "--render", action="store_true", help="only rewrite --out from bench/results.json (e.g. after editing NOTES.md)"
+    )
+    parser.add_argument(
         "--litellm", type=Path, default=None, help="the `litellm` executable of a LiteLLM proxy install (optional)"
     )
     args = parser.parse_args()
@@ -551,8 +567,14 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
+    if args.render:
+        data = json.loads((ROOT / "bench" / "results.json").read_text())
+        write_results(data, args.out)
+        return
     started = time.monotonic()
+    facts = run_facts()
     data = asyncio.run(bench(args.quick, args.litellm))
+    data["facts"] = facts
     write_results(data, args.out)
     print(args.out.read_text())
     print(f"bench took {time.monotonic() - started:.0f} s")
