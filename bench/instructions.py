@@ -1,0 +1,252 @@
+"""`make bench-instructions`: instructions per call, counted by valgrind's callgrind.
+
+Wall-clock and CPU seconds on a shared machine drift by tens of percent between runs; instruction
+counts do not (callgrind counts what the process executes, whatever else the machine does). Each
+scenario runs a gRPC client and the server in one process against `bench/upstream.py`, once with
+N calls and once with none; instructions per call = (difference) / N. Client-side work is included
+and is the same for every gateway scenario. Writes `bench/INSTRUCTIONS.md`.
+
+Scenarios: the bare grpc.aio floor (unary, 50-message stream), the gateway with its full chain
+(cache hit, unary miss, 50-chunk stream), the gateway without the chain, the gateway with the SDK
+on httpx, the adapter's SDK call alone and the same HTTP exchange with plain aiohttp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "bench-key-0123456789"
+CHAT_PATH = "/chat/completions"
+# scenario → (calls per measured run, what it is)
+SCENARIOS: dict[str, tuple[int, str]] = {
+    "floor-unary": (40, "bare grpc.aio unary call (client + server, bytes, no protobuf)"),
+    "floor-stream": (20, "bare grpc.aio stream of 50 messages (client + server)"),
+    "hit": (40, "gateway, cache hit (full chain)"),
+    "unary": (30, "gateway, unary chat, cache miss (full chain)"),
+    "unary-bare": (30, "gateway, unary chat without auth, rate limit, cache and info logging"),
+    "unary-httpx": (30, "gateway, unary chat, full chain, SDK on its httpx transport"),
+    "stream": (20, "gateway, streamed chat of 50 chunks (full chain, coalescing on)"),
+    "sdk": (40, "the OpenAI adapter's non-streamed call alone (official SDK, aiohttp transport)"),
+    "raw": (40, "the same HTTP exchange with plain aiohttp + json (no SDK)"),
+}
+
+
+# --- worker side (runs under valgrind) ------------------------------------------------------------
+
+
+async def _floor(mode: str, n: int) -> None:
+    import grpc  # noqa: PLC0415 - the worker imports only what its scenario needs
+
+    def identity(data: bytes) -> bytes:
+        return data
+
+    async def unary(request: bytes, context: Any) -> bytes:
+        return b"x" * 200
+
+    async def stream(request: bytes, context: Any) -> Any:
+        for _ in range(50):
+            yield b"y" * 60
+
+    server = grpc.aio.server()
+    handlers = {
+        "Unary": grpc.unary_unary_rpc_method_handler(
+            unary, request_deserializer=identity, response_serializer=identity
+        ),
+        "Stream": grpc.unary_stream_rpc_method_handler(
+            stream, request_deserializer=identity, response_serializer=identity
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("floor.Floor", handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    call_unary = channel.unary_unary("/floor.Floor/Unary")
+    call_stream = channel.unary_stream("/floor.Floor/Stream")
+
+    async def one() -> None:
+        if mode == "floor-unary":
+            await call_unary(b"q" * 100, metadata=(("authorization", f"Bearer {KEY}"),))
+        else:
+            async for _ in call_stream(b"q"):
+                pass
+
+    for _ in range(5 + n):
+        await one()
+    await channel.close()
+    await server.stop(0)
+
+
+async def _gateway(mode: str, n: int, base_url: str) -> None:
+    import grpc  # noqa: PLC0415
+
+    from llm_gateway.v1 import llm_gateway_pb2 as pb  # noqa: PLC0415
+    from llm_gateway.v1 import llm_gateway_pb2_grpc as pb_grpc  # noqa: PLC0415
+    from llm_gateway_server.config import load_settings  # noqa: PLC0415
+    from llm_gateway_server.interceptors.auth import hash_key  # noqa: PLC0415
+    from llm_gateway_server.telemetry.logging import configure_logging  # noqa: PLC0415
+    from llm_gateway_server.transport.server import start_server  # noqa: PLC0415
+
+    configure_logging("info")
+    env = {"OPENAI_BASE_URL": base_url, "OPENAI_API_KEY": "k"}
+    overrides: dict[str, Any] = {
+        "port": 0,
+        "metrics_port": 0,
+        "retry": {"max_attempts": 1},
+        "auth": {"keys": [{"id": "bench", "key_sha256": hash_key(KEY)}]},
+        "rate_limits": {"default_rpm": 100_000_000, "default_tpm": 1_000_000_000},
+        "cache": {"enabled": True},
+    }
+    if mode == "unary-bare":
+        overrides.update(auth={"disabled": True}, log_level="warning")
+        del overrides["rate_limits"], overrides["cache"]
+    if mode == "unary-httpx":
+        provider = {"name": "openai", "kind": "openai", "base_url": base_url, "api_key": "k", "http_client": "httpx"}
+        overrides["providers"] = [provider]
+    running = await start_server(load_settings(environ=env, overrides=overrides), env)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+    stub = pb_grpc.LLMGatewayServiceStub(channel)
+    metadata = (("authorization", f"Bearer {KEY}"),)
+    nonce = uuid.uuid4().hex
+
+    def messages(text: str) -> list[Any]:
+        return [pb.Message(role=pb.ROLE_USER, content=[pb.ContentPart(text=text)])]
+
+    async def one(i: int) -> None:
+        if mode == "hit":
+            await stub.Chat(pb.ChatRequest(model="bench", messages=messages("fixed")), metadata=metadata)
+        elif mode == "stream":
+            request = pb.ChatStreamRequest(model="bench", messages=messages(f"s {nonce} {i}"))
+            async for _ in stub.ChatStream(request, metadata=metadata):
+                pass
+        else:
+            await stub.Chat(pb.ChatRequest(model="bench", messages=messages(f"u {nonce} {i}")), metadata=metadata)
+
+    for i in range(-5, n):
+        await one(i)
+    await channel.close()
+    await running.stop()
+
+
+async def _adapter(mode: str, n: int, base_url: str) -> None:
+    import aiohttp  # noqa: PLC0415
+
+    from llm_gateway.v1 import llm_gateway_pb2 as pb  # noqa: PLC0415
+    from llm_gateway_server.providers.openai_adapter import OpenAIProvider  # noqa: PLC0415
+    from llm_gateway_server.transport import convert  # noqa: PLC0415
+
+    provider = OpenAIProvider("openai", api_key="k", base_url=base_url, passthrough=True)
+    request = convert.chat_request_in(
+        pb.ChatRequest(model="bench", messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentPart(text="hi")])])
+    )
+    session = aiohttp.ClientSession()
+    body = {"model": "bench", "messages": [{"role": "user", "content": "hi"}]}
+
+    async def one() -> None:
+        if mode == "sdk":
+            await provider.chat(request, "bench", 30)
+        else:
+            async with session.post(base_url + CHAT_PATH, json=body, headers={"Authorization": "Bearer k"}) as r:
+                json.loads(await r.read())
+
+    for _ in range(5 + n):
+        await one()
+    await provider.aclose()
+    await session.close()
+
+
+def worker(mode: str, n: int, base_url: str) -> None:
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - log lines are written (that is measured), not kept
+    if mode.startswith("floor"):
+        asyncio.run(_floor(mode, n))
+    elif mode in ("sdk", "raw"):
+        asyncio.run(_adapter(mode, n, base_url))
+    else:
+        asyncio.run(_gateway(mode, n, base_url))
+
+
+# --- driver side ----------------------------------------------------------------------------------
+
+
+def count(mode: str, n: int, base_url: str) -> int:
+    """Instructions of one worker run (valgrind's "Collected" total)."""
+    command = [
+        shutil.which("valgrind") or "valgrind",
+        "--tool=callgrind",
+        "--callgrind-out-file=/dev/null",
+        sys.executable,
+        __file__,
+        "--worker",
+        mode,
+        str(n),
+        base_url,
+    ]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stderr
+    match = re.search(r"Collected : (\d+)", out)
+    if match is None:
+        raise RuntimeError(f"no instruction count from valgrind for {mode}: {out[-500:]}")
+    return int(match.group(1))
+
+
+def per_call(mode: str, base_url: str) -> float:
+    n = SCENARIOS[mode][0]
+    return (count(mode, n, base_url) - count(mode, 0, base_url)) / n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--worker", nargs=3, metavar=("MODE", "N", "BASE_URL"), help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "INSTRUCTIONS.md")
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker[0], int(args.worker[1]), args.worker[2])
+        return
+    sys.path.insert(0, str(ROOT / "bench"))
+    from run import free_port  # noqa: PLC0415
+
+    port = free_port()
+    upstream = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "upstream.py"), "--port", str(port), "--chunks", "50"],
+        stdout=subprocess.DEVNULL,
+    )
+    base_url = f"http://127.0.0.1:{port}/v1"
+    started = dt.datetime.now(dt.UTC)
+    try:
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            counts = dict(zip(SCENARIOS, pool.map(lambda m: per_call(m, base_url), SCENARIOS), strict=True))
+    finally:
+        upstream.terminate()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+    valgrind = subprocess.run(["valgrind", "--version"], check=False, capture_output=True, text=True).stdout.strip()
+    lines = [
+        "# Instructions per call",
+        "",
+        f"- date: {started.strftime('%Y-%m-%d %H:%M UTC')}, commit: {commit}, {valgrind},"
+        f" Python {sys.version.split()[0]}",
+        "- client and server in one process against bench/upstream.py; (run with N calls − run with none) / N",
+        "",
+        "| scenario | instructions per call | vs unary chat |",
+        "|---|---|---|",
+    ]
+    for mode, value in counts.items():
+        lines.append(f"| {SCENARIOS[mode][1]} | {value / 1e6:.2f} M | {value / counts['unary']:.2f} |")
+    args.out.write_text("\n".join(lines) + "\n")
+    print(args.out.read_text())
+
+
+if __name__ == "__main__":
+    main()
