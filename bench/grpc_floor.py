@@ -37,7 +37,8 @@ async def _stream(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes
         yield DELTA
 
 
-async def serve(port: int) -> None:
+def build_server(address: str) -> tuple[grpc.aio.Server, int]:
+    """The floor server on `address` (not started) and its bound port."""
     server = grpc.aio.server()
     handlers = {
         "Unary": grpc.unary_unary_rpc_method_handler(
@@ -48,7 +49,11 @@ async def serve(port: int) -> None:
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("floor.Floor", handlers),))
-    server.add_insecure_port(f"127.0.0.1:{port}")
+    return server, server.add_insecure_port(address)
+
+
+async def serve(port: int) -> None:
+    server, _ = build_server(f"127.0.0.1:{port}")
     await server.start()
     await server.wait_for_termination()
 

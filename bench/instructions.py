@@ -49,28 +49,9 @@ SCENARIOS: dict[str, tuple[int, str]] = {
 
 async def _floor(mode: str, n: int) -> None:
     import grpc  # noqa: PLC0415 - the worker imports only what its scenario needs
+    from grpc_floor import build_server  # noqa: PLC0415 - bench/ is this script's directory
 
-    def identity(data: bytes) -> bytes:
-        return data
-
-    async def unary(request: bytes, context: Any) -> bytes:
-        return b"x" * 200
-
-    async def stream(request: bytes, context: Any) -> Any:
-        for _ in range(50):
-            yield b"y" * 60
-
-    server = grpc.aio.server()
-    handlers = {
-        "Unary": grpc.unary_unary_rpc_method_handler(
-            unary, request_deserializer=identity, response_serializer=identity
-        ),
-        "Stream": grpc.unary_stream_rpc_method_handler(
-            stream, request_deserializer=identity, response_serializer=identity
-        ),
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("floor.Floor", handlers),))
-    port = server.add_insecure_port("127.0.0.1:0")
+    server, port = build_server("127.0.0.1:0")
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     call_unary = channel.unary_unary("/floor.Floor/Unary")
