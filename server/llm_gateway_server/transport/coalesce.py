@@ -10,7 +10,7 @@ held back for a later one: it waits only while the previous message is being wri
 
 Merging is lossless: texts are concatenated; tool-call fragments keep their order, and a
 fragment that continues the previous one (same index, no id or name) has its arguments appended
-to it. Deltas of different deployments are never merged (they cannot be: one stream has one).
+to it. One stream comes from one deployment, so its deltas share model and provider.
 """
 
 from __future__ import annotations
@@ -113,15 +113,8 @@ async def coalesced(events: AsyncIterator[ChatStreamEvent]) -> AsyncIterator[Cha
                 return
             if isinstance(item, ChatStreamDelta):
                 batch = [item]
-                while pipe.items:
-                    waiting = pipe.items[0]
-                    if not isinstance(waiting, ChatStreamDelta) or (waiting.model, waiting.provider) != (
-                        item.model,
-                        item.provider,
-                    ):
-                        break
-                    pipe.items.popleft()
-                    batch.append(waiting)
+                while pipe.items and isinstance(pipe.items[0], ChatStreamDelta):
+                    batch.append(pipe.items.popleft())  # type: ignore[arg-type]  # checked just above
                 item = merge_deltas(batch)
             pipe.wake(pipe.writer)
             pipe.writer = None
