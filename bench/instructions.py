@@ -75,10 +75,10 @@ async def _gateway(mode: str, n: int, base_url: str) -> None:
 
     from llm_gateway.v1 import llm_gateway_pb2 as pb  # noqa: PLC0415
     from llm_gateway.v1 import llm_gateway_pb2_grpc as pb_grpc  # noqa: PLC0415
+    from llm_gateway_server.app import start_server  # noqa: PLC0415
     from llm_gateway_server.config import load_settings  # noqa: PLC0415
     from llm_gateway_server.interceptors.auth import hash_key  # noqa: PLC0415
     from llm_gateway_server.telemetry.logging import configure_logging  # noqa: PLC0415
-    from llm_gateway_server.transport.server import start_server  # noqa: PLC0415
 
     configure_logging("info")
     env = {"OPENAI_BASE_URL": base_url, "OPENAI_API_KEY": "k"}
@@ -125,10 +125,11 @@ async def _adapter(mode: str, n: int, base_url: str) -> None:
     import aiohttp  # noqa: PLC0415
 
     from llm_gateway.v1 import llm_gateway_pb2 as pb  # noqa: PLC0415
+    from llm_gateway_server.providers.base import ProviderConfig  # noqa: PLC0415
     from llm_gateway_server.providers.openai_adapter import OpenAIProvider  # noqa: PLC0415
     from llm_gateway_server.transport import convert  # noqa: PLC0415
 
-    provider = OpenAIProvider("openai", api_key="k", base_url=base_url, passthrough=True)
+    provider = OpenAIProvider(ProviderConfig("openai", api_key="k", base_url=base_url, passthrough=True))
     request = convert.chat_request_in(
         pb.ChatRequest(model="bench", messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentPart(text="hi")])])
     )

@@ -1,7 +1,7 @@
 """Shared fixtures: loopback provider emulators, the real grpc.aio gateway on 127.0.0.1:0, and
 async generated stubs.
 
-The gateway under test is the real server (`transport.server.start_server`: servicer, health,
+The gateway under test is the real server (`app.start_server`: servicer, health,
 reflection) driven through `llm_gateway.v1` stubs over a real channel, from pytest-asyncio
 fixtures. pytest-grpc (named in the design card) only runs synchronous `grpc.server` servicers,
 so it is used where that fits: `test_client_sync.py` runs the shipped sync client against a sync
@@ -20,8 +20,8 @@ from google.rpc import error_details_pb2, status_pb2
 
 from llm_gateway.v1 import llm_gateway_pb2 as pb
 from llm_gateway.v1 import llm_gateway_pb2_grpc as pb_grpc
+from llm_gateway_server.app import RunningServer, start_server
 from llm_gateway_server.config import load_settings
-from llm_gateway_server.transport.server import RunningServer, start_server
 
 from .emulators.ollama_server import OllamaEmulator
 from .emulators.openai_server import OpenAIEmulator

@@ -26,6 +26,7 @@ from llm_gateway_server.domain import (
     Usage,
 )
 from llm_gateway_server.errors import GatewayError
+from llm_gateway_server.providers.errors import connection_failed
 from llm_gateway_server.transport.coalesce import coalesced, merge_deltas
 
 from .conftest import OPENAI_TEST_KEY, Gateway, GatewayFactory, chat_stream, collect
@@ -127,7 +128,7 @@ async def test_the_first_event_goes_at_once_and_the_rest_of_a_burst_together() -
 
 
 async def test_an_error_follows_every_event_before_it() -> None:
-    error = GatewayError("UNAVAILABLE", "PROVIDER_UNAVAILABLE", "dropped")
+    error = connection_failed("p", "m", "dropped")
     with pytest.raises(GatewayError) as caught:
         await _run([_delta("a"), _delta("b")], fail=error)
     assert caught.value is error

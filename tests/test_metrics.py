@@ -59,8 +59,11 @@ async def test_metrics_endpoint_shows_the_series(make_gateway: GatewayFactory, o
     assert (
         value("llm_gateway_requests_total", method="ChatStream", model="gpt-4o-mini", provider="openai", code="OK") == 1
     )
+    # A failed call keeps the deployment it was routed to; one refused before routing has none.
     assert (
-        value("llm_gateway_requests_total", method="Chat", model="unresolved", provider="none", code="INVALID_ARGUMENT")
+        value(
+            "llm_gateway_requests_total", method="Chat", model="status-400", provider="openai", code="INVALID_ARGUMENT"
+        )
         == 1
     )
     assert (
@@ -73,7 +76,8 @@ async def test_metrics_endpoint_shows_the_series(make_gateway: GatewayFactory, o
     assert value("llm_gateway_time_to_first_token_seconds_count", model="gpt-4o-mini", provider="openai") == 1
     assert value("llm_gateway_overhead_seconds_count", method="Chat") == 2  # upstream-served calls only
     assert 0 < value("llm_gateway_overhead_seconds_sum", method="Chat") < 1
-    assert value("llm_gateway_tokens_total", direction="input", model="gpt-4o-mini", provider="openai") == 44
+    # Three upstream-served calls of 11 input tokens; the cache hit spent none.
+    assert value("llm_gateway_tokens_total", direction="input", model="gpt-4o-mini", provider="openai") == 33
     assert value("llm_gateway_cost_usd_total", model="gpt-4o-mini", provider="openai") > 0
     assert value("llm_gateway_cache_requests_total", method="Chat", result="hit") == 1
     assert value("llm_gateway_cache_requests_total", method="Chat", result="miss") >= 2

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from llm_gateway.v1 import llm_gateway_pb2 as pb
 from llm_gateway.v1 import llm_gateway_pb2_grpc as pb_grpc
 from llm_gateway_server.config import ConfigError, load_settings
+from llm_gateway_server.providers.registry import provider_config
 
 from .conftest import OPENAI_TEST_KEY, Gateway, chat
 from .emulators.openai_server import OpenAIEmulator
@@ -130,7 +131,8 @@ def test_settings_precedence_and_named_compatible_provider(tmp_path: Path) -> No
     )
     assert (settings.host, settings.port, settings.log_level) == ("0.0.0.0", 7000, "debug")
     assert [p.name for p in settings.providers] == ["openai", "llamacpp"]
-    assert settings.providers[1].resolved_passthrough() and not settings.providers[0].resolved_passthrough()
+    configs = [provider_config(p, {"OPENAI_API_KEY": "k"}) for p in settings.providers]
+    assert configs[1].passthrough and not configs[0].passthrough
     assert settings.models[0].provider_model == "gemma"
 
 

@@ -8,10 +8,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .app import serve
 from .config import ConfigError, load_settings
 from .interceptors.auth import hash_key
 from .telemetry.logging import configure_logging
-from .transport.server import serve
 from .workers import run_workers
 
 

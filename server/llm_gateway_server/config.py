@@ -1,10 +1,12 @@
 """Settings: environment variables (prefix `LLM_GATEWAY_`), an optional YAML file, and the
 providers' standard variables (`OPENAI_API_KEY` + `OPENAI_BASE_URL`, `ANTHROPIC_API_KEY` +
-`ANTHROPIC_BASE_URL`, `GROQ_API_KEY` + `GROQ_BASE_URL`, `OLLAMA_HOST`).
+`ANTHROPIC_BASE_URL`, `GROQ_API_KEY` + `GROQ_BASE_URL`, `OLLAMA_HOST`: each adapter declares its
+own, see `providers.registry`).
 
 Precedence, highest first: explicit overrides (CLI flags) > `LLM_GATEWAY_*` environment > YAML file
-> defaults. Providers named in the YAML file replace the one of the same name derived from the
-standard variables. Invalid settings raise `ConfigError` with one line per problem.
+> defaults. Providers from the standard variables come first, then the YAML file's providers are
+added after them; a YAML provider with the same name as an environment one replaces it. Invalid
+settings raise `ConfigError` with one line per problem.
 """
 
 from __future__ import annotations
@@ -30,9 +32,6 @@ from pydantic_settings.sources.utils import parse_env_vars
 from .domain import Capability
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-OPENAI_DEFAULT_BASE_URL = "https://api.openai.com/v1"
-# Placeholder key for OpenAI-compatible servers that need none (the SDK refuses an empty key).
-NO_KEY_PLACEHOLDER = "no-key-configured"
 
 
 class ConfigError(Exception):
@@ -54,7 +53,7 @@ class ProviderSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    kind: Literal["openai", "anthropic", "groq", "ollama"]
+    kind: str
     base_url: str | None = None
     api_key: SecretStr | None = None
     api_key_env: str | None = None
@@ -67,6 +66,15 @@ class ProviderSettings(BaseModel):
     def _valid_name(cls, value: str) -> str:
         if not _NAME.match(value):
             raise ValueError("must be 1-63 chars of lower-case letters, digits, '-' or '_'")
+        return value
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, value: str) -> str:
+        from .providers.registry import specs  # noqa: PLC0415 - the kinds are the adapters' declarations
+
+        if value not in specs():
+            raise ValueError(f"unknown provider kind {value!r}; known: {', '.join(specs())}")
         return value
 
     @field_validator("base_url")
@@ -83,14 +91,6 @@ class ProviderSettings(BaseModel):
         if self.api_key_env:
             return environ.get(self.api_key_env) or None
         return None
-
-    def resolved_passthrough(self) -> bool:
-        """Whether unknown model ids may be routed to this provider."""
-        if self.passthrough is not None:
-            return self.passthrough
-        return (
-            self.kind == "openai" and (self.base_url or OPENAI_DEFAULT_BASE_URL).rstrip("/") != OPENAI_DEFAULT_BASE_URL
-        )
 
 
 class PricingSettings(BaseModel):
@@ -156,7 +156,8 @@ class RetrySettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_attempts: int = Field(default=2, ge=1, le=10)
+    # Attempts per deployment, the first included: 3 = two retries, as the official SDKs default to.
+    max_attempts: int = Field(default=3, ge=1, le=10)
     base_delay_s: float = Field(default=0.25, ge=0, le=60)
     max_delay_s: float = Field(default=4.0, ge=0, le=300)
     max_retry_after_s: float = Field(default=20.0, ge=0, le=600)
@@ -265,6 +266,8 @@ class Settings(BaseSettings):
         log_file: also write the JSON log lines to this file.
         event_loop: "uvloop" (default when installed; ~20% less CPU per call in bench/) or
             "asyncio".
+        reuse_port: bind with SO_REUSEPORT (set by `serve --workers` in each worker through
+            `LLM_GATEWAY_REUSE_PORT=1`; off otherwise, so a second gateway on a busy port fails).
     """
 
     model_config = SettingsConfigDict(env_prefix="LLM_GATEWAY_", env_nested_delimiter="__", extra="forbid")
@@ -295,6 +298,7 @@ class Settings(BaseSettings):
     metrics_host: str = "127.0.0.1"
     log_file: str | None = None
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
+    reuse_port: bool = False
 
     @model_validator(mode="after")
     def _unique_provider_names(self) -> Settings:
@@ -303,38 +307,6 @@ class Settings(BaseSettings):
         if duplicates:
             raise ValueError(f"provider names must be unique; repeated: {', '.join(duplicates)}")
         return self
-
-
-def _env_providers(environ: Mapping[str, str]) -> list[ProviderSettings]:
-    """Providers implied by the SDKs' standard variables (no config file needed)."""
-    found: list[ProviderSettings] = []
-    if environ.get("OPENAI_API_KEY") or environ.get("OPENAI_BASE_URL"):
-        found.append(
-            ProviderSettings(
-                name="openai",
-                kind="openai",
-                base_url=environ.get("OPENAI_BASE_URL") or None,
-                api_key_env="OPENAI_API_KEY",
-            )
-        )
-    if environ.get("ANTHROPIC_API_KEY"):
-        found.append(
-            ProviderSettings(
-                name="anthropic",
-                kind="anthropic",
-                base_url=environ.get("ANTHROPIC_BASE_URL") or None,
-                api_key_env="ANTHROPIC_API_KEY",
-            )
-        )
-    if environ.get("GROQ_API_KEY"):
-        found.append(
-            ProviderSettings(
-                name="groq", kind="groq", base_url=environ.get("GROQ_BASE_URL") or None, api_key_env="GROQ_API_KEY"
-            )
-        )
-    if environ.get("OLLAMA_HOST"):
-        found.append(ProviderSettings(name="ollama", kind="ollama", base_url=environ["OLLAMA_HOST"]))
-    return found
 
 
 def _format_errors(source: str, error: ValidationError) -> str:
@@ -401,6 +373,9 @@ def load_settings(
     settings = Settings.model_construct(**dict(loaded_settings))
     if settings.redis_url is None and env.get("REDIS_URL"):
         settings.redis_url = env["REDIS_URL"]
+    from .providers.registry import environment_providers  # noqa: PLC0415 - providers import this module
+
     configured = {p.name for p in settings.providers}
-    settings.providers = [p for p in _env_providers(env) if p.name not in configured] + settings.providers
+    discovered = [p for p in environment_providers(env) if p.name not in configured]
+    settings.providers = discovered + settings.providers
     return settings

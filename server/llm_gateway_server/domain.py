@@ -44,15 +44,6 @@ class Capability(enum.StrEnum):
     JSON_MODE = "json_mode"
 
 
-class CacheMode(enum.StrEnum):
-    """Per-request cache behaviour (mirrors the proto `CacheMode`)."""
-
-    DEFAULT = "default"
-    BYPASS = "bypass"
-    REFRESH = "refresh"
-    READ_ONLY = "read_only"
-
-
 class RoutingStrategy(enum.StrEnum):
     """How the router picks among deployments (mirrors the proto `RoutingStrategy`)."""
 
@@ -186,14 +177,6 @@ class RoutingOptions:
 
 
 @dataclass(frozen=True, slots=True)
-class CacheOptions:
-    """Per-request cache controls; `ttl_seconds` None means the configured TTL."""
-
-    mode: CacheMode = CacheMode.DEFAULT
-    ttl_seconds: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class ChatRequest:
     """A chat request as the router sees it (unary and streaming alike)."""
 
@@ -203,9 +186,7 @@ class ChatRequest:
     tool_choice: ToolChoice | None = None
     generation: GenerationOptions = field(default_factory=GenerationOptions)
     routing: RoutingOptions = field(default_factory=RoutingOptions)
-    cache: CacheOptions = field(default_factory=CacheOptions)
     end_user_id: str = ""
-    metadata: Mapping[str, str] = field(default_factory=dict)
 
 
 # --- results ---------------------------------------------------------------------------------
@@ -243,7 +224,7 @@ class Cost:
 
 
 @dataclass(frozen=True, slots=True)
-class Warning:
+class OptionWarning:
     """An option the provider could not honour as given (e.g. dropped)."""
 
     code: str
@@ -299,14 +280,6 @@ ProviderStreamEvent = ChatDelta | ProviderStreamEnd
 
 
 @dataclass(frozen=True, slots=True)
-class CacheStatus:
-    """Whether a response was served from the gateway cache, and the entry's age (ms)."""
-
-    hit: bool = False
-    age_ms: int = 0
-
-
-@dataclass(frozen=True, slots=True)
 class ChatResponse:
     """The router's answer to a unary chat."""
 
@@ -319,9 +292,8 @@ class ChatResponse:
     usage: Usage
     cost: Cost
     attempts: tuple[Attempt, ...]
-    warnings: tuple[Warning, ...] = ()
+    warnings: tuple[OptionWarning, ...] = ()
     provider_response_id: str = ""
-    cache: CacheStatus = field(default_factory=CacheStatus)
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,9 +308,8 @@ class ChatStreamFinal:
     cost: Cost
     tool_calls: tuple[ToolCall, ...]
     attempts: tuple[Attempt, ...]
-    warnings: tuple[Warning, ...] = ()
+    warnings: tuple[OptionWarning, ...] = ()
     provider_response_id: str = ""
-    cache: CacheStatus = field(default_factory=CacheStatus)
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,9 +332,7 @@ class EmbedRequest:
     inputs: tuple[str, ...]
     dimensions: int | None = None
     routing: RoutingOptions = field(default_factory=RoutingOptions)
-    cache: CacheOptions = field(default_factory=CacheOptions)
     end_user_id: str = ""
-    metadata: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,7 +355,6 @@ class EmbedResponse:
     usage: Usage
     cost: Cost
     attempts: tuple[Attempt, ...]
-    cache: CacheStatus = field(default_factory=CacheStatus)
 
 
 class TokenCountMethod(enum.StrEnum):

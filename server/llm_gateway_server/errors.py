@@ -1,17 +1,92 @@
 """The gateway's error family (SPEC §7), independent of the transport.
 
-Every failure a client can see is a `GatewayError`: a gRPC status code name, an UPPER_SNAKE
-`reason` for `google.rpc.ErrorInfo`, a message that never contains a secret, `metadata` with every
-dynamic value (provider, model, upstream status), and optional retry delay / field violations.
-`transport/status.py` is the one place that turns these into gRPC statuses.
+Every failure a client can see is a `GatewayError`: a `grpc.StatusCode`, a `Reason` for
+`google.rpc.ErrorInfo`, a message that never contains a secret, `metadata` with every dynamic
+value (provider, model, upstream status), and optional retry delay / field violations / quota
+violations. Errors are immutable: `with_metadata` and `with_code` return copies.
+
+`Reason` is the SPEC §7 table plus the reasons the gateway answers beyond it; each reason knows
+the status code it is answered with by default. Errors are built only by the constructors in
+this module (gateway-side failures) and in `providers/errors.py` (upstream failures), so a typo
+in a code or reason is a type error, not a wrong status on the wire. `transport/status.py` is the
+one place that turns them into gRPC statuses.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+import grpc
 
 ERROR_DOMAIN = "llm-gateway"
+# Alternatives named in CAPABILITY_NOT_SUPPORTED messages.
+_MAX_ALTERNATIVES = 10
+
+
+class Reason(enum.StrEnum):
+    """`ErrorInfo.reason` values (UPPER_SNAKE), with the status code each is answered with."""
+
+    # SPEC §7 table
+    INVALID_REQUEST = "INVALID_REQUEST"
+    API_KEY_INVALID = "API_KEY_INVALID"
+    MODEL_NOT_ALLOWED = "MODEL_NOT_ALLOWED"
+    RATE_LIMIT_EXCEEDED = "RATE_LIMIT_EXCEEDED"
+    BUDGET_EXCEEDED = "BUDGET_EXCEEDED"
+    MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
+    CAPABILITY_NOT_SUPPORTED = "CAPABILITY_NOT_SUPPORTED"
+    PROVIDER_REJECTED = "PROVIDER_REJECTED"
+    CONTENT_FILTERED = "CONTENT_FILTERED"
+    PROVIDER_RATE_LIMITED = "PROVIDER_RATE_LIMITED"
+    PROVIDER_UNAVAILABLE = "PROVIDER_UNAVAILABLE"
+    PROVIDER_AUTH_FAILED = "PROVIDER_AUTH_FAILED"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    # beyond the table
+    API_KEY_EXPIRED = "API_KEY_EXPIRED"
+    API_KEY_DISABLED = "API_KEY_DISABLED"
+    PROVIDER_NOT_CONFIGURED = "PROVIDER_NOT_CONFIGURED"
+    PROVIDER_QUOTA_EXHAUSTED = "PROVIDER_QUOTA_EXHAUSTED"
+    PROVIDER_TIMEOUT = "PROVIDER_TIMEOUT"
+    PROVIDER_BAD_RESPONSE = "PROVIDER_BAD_RESPONSE"
+    CIRCUIT_OPEN = "CIRCUIT_OPEN"
+    RATE_LIMITER_UNAVAILABLE = "RATE_LIMITER_UNAVAILABLE"
+    INTERNAL_ERROR = "INTERNAL_ERROR"
+
+    @property
+    def code(self) -> grpc.StatusCode:
+        """The status code this reason is answered with (a stream cut after content is the one
+        exception: UNAVAILABLE whatever the reason, see `GatewayError.with_code`)."""
+        return _CODES[self]
+
+
+_CODES: Mapping[Reason, grpc.StatusCode] = {
+    Reason.INVALID_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
+    Reason.API_KEY_INVALID: grpc.StatusCode.UNAUTHENTICATED,
+    Reason.MODEL_NOT_ALLOWED: grpc.StatusCode.PERMISSION_DENIED,
+    Reason.RATE_LIMIT_EXCEEDED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Reason.BUDGET_EXCEEDED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Reason.MODEL_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Reason.CAPABILITY_NOT_SUPPORTED: grpc.StatusCode.INVALID_ARGUMENT,
+    Reason.PROVIDER_REJECTED: grpc.StatusCode.INVALID_ARGUMENT,
+    Reason.CONTENT_FILTERED: grpc.StatusCode.INVALID_ARGUMENT,
+    Reason.PROVIDER_RATE_LIMITED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Reason.PROVIDER_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    Reason.PROVIDER_AUTH_FAILED: grpc.StatusCode.INTERNAL,
+    Reason.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Reason.API_KEY_EXPIRED: grpc.StatusCode.UNAUTHENTICATED,
+    Reason.API_KEY_DISABLED: grpc.StatusCode.PERMISSION_DENIED,
+    Reason.PROVIDER_NOT_CONFIGURED: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.PROVIDER_QUOTA_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Reason.PROVIDER_TIMEOUT: grpc.StatusCode.UNAVAILABLE,
+    Reason.PROVIDER_BAD_RESPONSE: grpc.StatusCode.UNAVAILABLE,
+    Reason.CIRCUIT_OPEN: grpc.StatusCode.UNAVAILABLE,
+    Reason.RATE_LIMITER_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    Reason.INTERNAL_ERROR: grpc.StatusCode.INTERNAL,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,13 +97,28 @@ class FieldViolation:
     description: str
 
 
+@dataclass(frozen=True, slots=True)
+class _Fields:
+    reason: Reason
+    message: str
+    code: grpc.StatusCode
+    metadata: dict[str, str]
+    retry_after_s: float | None
+    violations: tuple[FieldViolation, ...]
+    quota: tuple[tuple[str, str], ...]
+    retryable: bool
+    fallback: bool
+
+
 class GatewayError(Exception):
-    """A failure with a gRPC status code, an ErrorInfo reason and metadata.
+    """An immutable failure with a status code, an ErrorInfo reason and metadata.
+
+    Build one with the constructors of this module or `providers/errors.py`.
 
     Args:
-        code: gRPC status code name, e.g. "NOT_FOUND".
-        reason: ErrorInfo reason, UPPER_SNAKE, e.g. "MODEL_NOT_FOUND".
+        reason: the ErrorInfo reason.
         message: human-readable text (never includes secrets).
+        code: the status code; default `reason.code`.
         metadata: dynamic values for ErrorInfo.metadata (string to string).
         retry_after_s: delay for RetryInfo, seconds, when a retry can help.
         violations: field violations for BadRequest.
@@ -39,12 +129,14 @@ class GatewayError(Exception):
             (invalid request, content filter). Defaults to `retryable`.
     """
 
+    _f: _Fields
+
     def __init__(
         self,
-        code: str,
-        reason: str,
+        reason: Reason,
         message: str,
         *,
+        code: grpc.StatusCode | None = None,
         metadata: Mapping[str, str] | None = None,
         retry_after_s: float | None = None,
         violations: Sequence[FieldViolation] = (),
@@ -53,71 +145,253 @@ class GatewayError(Exception):
         fallback: bool | None = None,
     ) -> None:
         super().__init__(message)
-        self.code = code
-        self.reason = reason
-        self.message = message
-        self.metadata: dict[str, str] = dict(metadata or {})
-        self.retry_after_s = retry_after_s
-        self.violations = tuple(violations)
-        self.quota = tuple(quota)
-        self.retryable = retryable
-        self.fallback = retryable if fallback is None else fallback
+        fields = _Fields(
+            reason=reason,
+            message=message,
+            code=reason.code if code is None else code,
+            metadata=dict(metadata or {}),
+            retry_after_s=retry_after_s,
+            violations=tuple(violations),
+            quota=tuple(quota),
+            retryable=retryable,
+            fallback=retryable if fallback is None else fallback,
+        )
+        object.__setattr__(self, "_f", fields)
+
+    @classmethod
+    def _from(cls, fields: _Fields) -> GatewayError:
+        error = cls.__new__(cls)
+        Exception.__init__(error, fields.message)
+        object.__setattr__(error, "_f", fields)
+        return error
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("__"):  # __traceback__, __cause__, __notes__ … belong to the exception machinery
+            super().__setattr__(name, value)
+            return
+        raise AttributeError(f"GatewayError is immutable (tried to set {name!r}); use with_metadata / with_code")
+
+    @property
+    def reason(self) -> Reason:
+        """The ErrorInfo reason."""
+        return self._f.reason
+
+    @property
+    def code(self) -> grpc.StatusCode:
+        """The gRPC status code."""
+        return self._f.code
+
+    @property
+    def message(self) -> str:
+        """The status message."""
+        return self._f.message
+
+    @property
+    def metadata(self) -> Mapping[str, str]:
+        """ErrorInfo.metadata (read-only)."""
+        return MappingProxyType(self._f.metadata)
+
+    @property
+    def retry_after_s(self) -> float | None:
+        """RetryInfo delay, seconds; None without one."""
+        return self._f.retry_after_s
+
+    @property
+    def violations(self) -> tuple[FieldViolation, ...]:
+        """BadRequest field violations."""
+        return self._f.violations
+
+    @property
+    def quota(self) -> tuple[tuple[str, str], ...]:
+        """QuotaFailure (subject, description) pairs."""
+        return self._f.quota
+
+    @property
+    def retryable(self) -> bool:
+        """Whether retrying the same deployment may succeed."""
+        return self._f.retryable
+
+    @property
+    def fallback(self) -> bool:
+        """Whether another deployment may succeed."""
+        return self._f.fallback
 
     def with_metadata(self, **values: str) -> GatewayError:
-        """Adds metadata entries (existing keys win) and returns self."""
-        for key, value in values.items():
-            self.metadata.setdefault(key, value)
-        return self
+        """A copy with metadata entries added (entries already present win); self when nothing
+        would change."""
+        added = {k: v for k, v in values.items() if k not in self.metadata}
+        if not added:
+            return self
+        merged = {**self._f.metadata, **added}
+        return GatewayError._from(dataclasses.replace(self._f, metadata=merged))
+
+    def with_code(self, code: grpc.StatusCode) -> GatewayError:
+        """A copy answered with `code` instead (e.g. UNAVAILABLE for a stream cut after content)."""
+        return self if code is self.code else GatewayError._from(dataclasses.replace(self._f, code=code))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (GatewayError._from, (self._f,))
 
     def __repr__(self) -> str:
-        return f"GatewayError({self.code}, {self.reason}, {self.message!r}, {self.metadata!r})"
+        return f"GatewayError({self.code.name}, {self.reason.value}, {self.message!r}, {dict(self.metadata)!r})"
+
+
+# --- request and routing ---------------------------------------------------------------------
 
 
 def invalid_request(violations: Sequence[FieldViolation]) -> GatewayError:
     """INVALID_ARGUMENT / INVALID_REQUEST listing every violation (BadRequest details)."""
     summary = "; ".join(f"{v.field}: {v.description}" for v in violations[:5])
     more = f" (and {len(violations) - 5} more)" if len(violations) > 5 else ""
-    return GatewayError(
-        "INVALID_ARGUMENT", "INVALID_REQUEST", f"invalid request: {summary}{more}", violations=violations
-    )
+    return GatewayError(Reason.INVALID_REQUEST, f"invalid request: {summary}{more}", violations=violations)
 
 
 def model_not_found(model: str, hint: str = "") -> GatewayError:
     """NOT_FOUND / MODEL_NOT_FOUND for a model the gateway cannot route."""
     text = f"model {model!r} is not known to the gateway"
-    return GatewayError(
-        "NOT_FOUND", "MODEL_NOT_FOUND", f"{text}{'; ' + hint if hint else ''}", metadata={"model": model}
-    )
+    return GatewayError(Reason.MODEL_NOT_FOUND, f"{text}{'; ' + hint if hint else ''}", metadata={"model": model})
 
 
-def capability_not_supported(model: str, capability: str, alternatives: Sequence[str] = ()) -> GatewayError:
-    """INVALID_ARGUMENT / CAPABILITY_NOT_SUPPORTED, naming models that have the capability."""
-    text = f"model {model!r} does not support {capability}"
+def capability_not_supported(
+    model: str, capability: str, alternatives: Sequence[str] = (), *, provider: str = "", detail: str = ""
+) -> GatewayError:
+    """INVALID_ARGUMENT / CAPABILITY_NOT_SUPPORTED, naming the provider (when known) and models
+    that have the capability.
+
+    Args:
+        model: the model asked for.
+        capability: what it lacks, e.g. "embeddings", "image input".
+        alternatives: model ids that have it (the first ten are named).
+        provider: the provider that would have served the call.
+        detail: replaces the default "does not support" sentence.
+    """
+    text = detail or f"model {model!r} does not support {capability}"
     if alternatives:
-        text += f"; models that do: {', '.join(alternatives[:10])}"
-    return GatewayError(
-        "INVALID_ARGUMENT",
-        "CAPABILITY_NOT_SUPPORTED",
-        text,
-        metadata={"model": model, "capability": capability},
-    )
+        text += f"; models that do: {', '.join(alternatives[:_MAX_ALTERNATIVES])}"
+    metadata = {"model": model, "capability": capability} if model else {"capability": capability}
+    if provider:
+        metadata["provider"] = provider
+    return GatewayError(Reason.CAPABILITY_NOT_SUPPORTED, text, metadata=metadata)
 
 
 def provider_not_configured(provider: str, model: str, how: str) -> GatewayError:
     """FAILED_PRECONDITION / PROVIDER_NOT_CONFIGURED: the model's provider has no credentials/host."""
     return GatewayError(
-        "FAILED_PRECONDITION",
-        "PROVIDER_NOT_CONFIGURED",
+        Reason.PROVIDER_NOT_CONFIGURED,
         f"model {model!r} is served by provider {provider!r}, which is not configured ({how})",
         metadata={"provider": provider, "model": model},
     )
 
 
+# --- attempts and deadlines ------------------------------------------------------------------
+
+
 def deadline_exceeded(provider: str, model: str, budget_s: float) -> GatewayError:
     """DEADLINE_EXCEEDED: the caller's deadline (or the default one) passed during the call."""
     return GatewayError(
-        "DEADLINE_EXCEEDED",
-        "DEADLINE_EXCEEDED",
+        Reason.DEADLINE_EXCEEDED,
         f"deadline of {budget_s:.3f}s passed while waiting for provider {provider!r}",
         metadata={"provider": provider, "model": model, "deadline_s": f"{budget_s:.3f}"},
     )
+
+
+def attempt_timeout(provider: str, model: str, limit_s: float, *, stalled: bool) -> GatewayError:
+    """UNAVAILABLE / PROVIDER_TIMEOUT: an attempt (or a stream between events, `stalled`) took
+    longer than `limit_s` seconds. Retryable."""
+    what = "sent nothing for" if stalled else "did not answer within"
+    return GatewayError(
+        Reason.PROVIDER_TIMEOUT,
+        f"provider {provider!r} {what} {limit_s:.3g}s for model {model!r}",
+        metadata={
+            "provider": provider,
+            "model": model,
+            "failure": "stalled" if stalled else "timeout",
+            "upstream_status": "0",
+        },
+        retryable=True,
+    )
+
+
+def all_deployments_unavailable(provider: str, model: str, retry_after_s: float) -> GatewayError:
+    """UNAVAILABLE / CIRCUIT_OPEN: every deployment of the plan was skipped (breaker open or
+    deployment limit reached); RetryInfo is the breaker cooldown."""
+    return GatewayError(
+        Reason.CIRCUIT_OPEN,
+        "every deployment for this model is unavailable (circuit breaker open or deployment limit reached)",
+        metadata={"provider": provider, "model": model},
+        retry_after_s=retry_after_s,
+    )
+
+
+def stream_ended_early(provider: str, model: str, chunks_sent: int) -> GatewayError:
+    """UNAVAILABLE / PROVIDER_BAD_RESPONSE: an upstream stream ended without its final event
+    (before any event when `chunks_sent` is 0, which is retryable)."""
+    what = "before any event" if chunks_sent == 0 else "without a final event"
+    return GatewayError(
+        Reason.PROVIDER_BAD_RESPONSE,
+        f"provider {provider!r} stream ended {what}",
+        metadata={"provider": provider, "model": model, "chunks_sent": str(chunks_sent)},
+        retryable=chunks_sent == 0,
+    )
+
+
+# --- gateway policy (auth, limits) -----------------------------------------------------------
+
+
+def api_key_invalid(message: str) -> GatewayError:
+    """UNAUTHENTICATED / API_KEY_INVALID: no key, or a key the gateway does not know."""
+    return GatewayError(Reason.API_KEY_INVALID, message)
+
+
+def api_key_expired(key_id: str, expired_at: str) -> GatewayError:
+    """UNAUTHENTICATED / API_KEY_EXPIRED (`expired_at`: ISO 8601)."""
+    return GatewayError(
+        Reason.API_KEY_EXPIRED, f"API key {key_id!r} expired at {expired_at}", metadata={"key_id": key_id}
+    )
+
+
+def api_key_disabled(key_id: str) -> GatewayError:
+    """PERMISSION_DENIED / API_KEY_DISABLED."""
+    return GatewayError(Reason.API_KEY_DISABLED, f"API key {key_id!r} is disabled", metadata={"key_id": key_id})
+
+
+def model_not_allowed(key_id: str, model: str) -> GatewayError:
+    """PERMISSION_DENIED / MODEL_NOT_ALLOWED: the key's `allowed_models` do not match `model`."""
+    return GatewayError(
+        Reason.MODEL_NOT_ALLOWED,
+        f"API key {key_id!r} may not use model {model!r}",
+        metadata={"key_id": key_id, "model": model},
+    )
+
+
+def rate_limit_exceeded(scope: str, limit: str, value: int, what: str, reset_s: float) -> GatewayError:
+    """RESOURCE_EXHAUSTED / RATE_LIMIT_EXCEEDED with RetryInfo (`reset_s`, seconds until the
+    window resets) and QuotaFailure.
+
+    Args:
+        scope: what the limit counts against, e.g. "key:team-a".
+        limit: "requests", "tokens" or "streams".
+        value: the limit.
+        what: its unit in words, e.g. "requests per minute".
+    """
+    return GatewayError(
+        Reason.RATE_LIMIT_EXCEEDED,
+        f"rate limit of {value} {what} reached for {scope}",
+        metadata={"limit": limit, "limit_value": str(value), "scope": scope},
+        retry_after_s=reset_s,
+        quota=[(scope, f"{value} {what}")],
+    )
+
+
+def rate_limiter_unavailable() -> GatewayError:
+    """UNAVAILABLE / RATE_LIMITER_UNAVAILABLE (fail-closed with the backend down), retry in 1 s."""
+    return GatewayError(
+        Reason.RATE_LIMITER_UNAVAILABLE,
+        "the rate-limit backend is unavailable; try again shortly",
+        retry_after_s=1.0,
+    )
+
+
+def internal_error(request_id: str) -> GatewayError:
+    """INTERNAL / INTERNAL_ERROR for a bug: the request id only, never a stack trace."""
+    return GatewayError(Reason.INTERNAL_ERROR, f"internal error; request id {request_id}")

@@ -5,23 +5,31 @@ Wire format per shared/reference/provider-wire-formats.md §4: NDJSON streams
 (`application/x-ndjson`) whose last line has `done: true`; errors as `{"error": "<string>"}`;
 an error inside a 200 stream is a final `{"error": ...}` line. Scenarios by model name:
 
-| model            | behaviour                                                              |
-|------------------|------------------------------------------------------------------------|
-| anything else    | answers "echo: <last user text>" (streamed as 3 lines + done line)    |
-| `tools`          | answers with a `get_weather` tool call (arguments as a JSON object)   |
-| `status-<N>`     | HTTP N with `{"error": "..."}`                                          |
-| `missing-model`  | 404 `{"error": "model 'missing-model' not found"}`                      |
-| `hang`           | never answers (records the client's disconnect)                        |
-| `stream-error`   | streams one line, then `{"error": "..."}`                               |
-| `truncated`      | streams one line and ends without a `done: true` line                  |
-| `length`         | done_reason `length`                                                   |
+| model                   | behaviour                                                              |
+|-------------------------|------------------------------------------------------------------------|
+| anything else           | answers "echo: <last user text>" (streamed as 3 lines + done line)     |
+| `tools`                 | answers with a `get_weather` tool call (arguments as a JSON object)    |
+| `status-<N>`            | HTTP N with `{"error": "..."}`                                         |
+| `missing-model`         | 404 `{"error": "model 'missing-model' not found"}`                     |
+| `hang`                  | never answers (records the client's disconnect)                        |
+| `stream-error`          | streams one line, then `{"error": "..."}`                              |
+| `truncated`             | streams one line and ends without a `done: true` line                  |
+| `length`                | done_reason `length`                                                   |
+| `ratelimited-<ms>`      | 429 `{"error": "..."}` with `retry-after-ms: <ms>`                     |
+| `ratelimited-s-<s>`     | 429 `{"error": "..."}` with `retry-after: <s>` (seconds)               |
+| `ratelimited-once-<ms>` | the first request with this model is as `ratelimited-<ms>`, later ones |
+|                         | answer normally                                                        |
+
+Scenarios apply to `/api/chat` and `/api/embed`. Every request is recorded (`requests`); `served`
+counts requests per model and `arrivals` keeps their `time.monotonic()` arrival times.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -43,6 +51,8 @@ class OllamaEmulator(LoopbackEmulator):
     """Start with `await emulator.start()`; `host` then points at it (as `OLLAMA_HOST` expects)."""
 
     models: tuple[str, ...] = ("llama3.2:latest", "nomic-embed-text:latest", "tinyllama:latest")
+    served: dict[str, int] = field(default_factory=dict)  # chat/embed requests per model name
+    arrivals: dict[str, list[float]] = field(default_factory=dict)  # their time.monotonic() per model
 
     @property
     def host(self) -> str:
@@ -55,13 +65,27 @@ class OllamaEmulator(LoopbackEmulator):
         app.router.add_get("/api/tags", self._tags)
         app.router.add_post("/api/show", self._show)
 
-    @staticmethod
-    def _scenario_error(model: str) -> web.Response | None:
+    def _scenario_error(self, model: str) -> web.Response | None:
+        """Counts the request for `model`, then its scenario's error response, if any."""
+        self.served[model] = self.served.get(model, 0) + 1
+        self.arrivals.setdefault(model, []).append(time.monotonic())
+        if model.startswith("ratelimited-once-"):
+            if self.served[model] > 1:
+                return None
+            return self._rate_limited(model, {"retry-after-ms": model.removeprefix("ratelimited-once-")})
+        if model.startswith("ratelimited-s-"):
+            return self._rate_limited(model, {"retry-after": model.removeprefix("ratelimited-s-")})
+        if model.startswith("ratelimited-"):
+            return self._rate_limited(model, {"retry-after-ms": model.removeprefix("ratelimited-")})
         if model.startswith("status-"):
             return web.json_response({"error": f"emulated failure {model}"}, status=int(model.removeprefix("status-")))
         if model == "missing-model":
             return web.json_response({"error": f"model '{model}' not found"}, status=404)
         return None
+
+    @staticmethod
+    def _rate_limited(model: str, headers: dict[str, str]) -> web.Response:
+        return web.json_response({"error": f"emulated rate limit for {model}"}, status=429, headers=headers)
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._record(request)

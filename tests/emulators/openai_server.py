@@ -30,7 +30,8 @@ Behaviour is chosen by the requested model name, so one emulator serves every sc
 | `drop`           | closes the connection without answering (unary and streaming)           |
 
 Every request is recorded (`requests`: method, path, headers, JSON body); disconnects of hanging
-requests are recorded in `disconnects`.
+requests are recorded in `disconnects`. `models_gate`, when set to an `asyncio.Event`, holds every
+`GET /models` answer (the request is recorded first) until the event is set.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class OpenAIEmulator(LoopbackEmulator):
     models: tuple[str, ...] = ("gpt-4o-mini", "emulated-model")
     served: dict[str, int] = field(default_factory=dict)  # requests per model name
     delay_s: float = 0.0  # added before every chat answer (to slow a whole deployment down)
+    models_gate: asyncio.Event | None = None  # None: `/models` answers at once; else waits for the event
     prefixes: ClassVar[tuple[str, ...]] = ("/v1", "")
 
     @property
@@ -286,6 +288,8 @@ class OpenAIEmulator(LoopbackEmulator):
 
     async def _models(self, request: web.Request) -> web.Response:
         await self._record(request)
+        if self.models_gate is not None:
+            await self.models_gate.wait()
         return web.json_response(
             {
                 "object": "list",

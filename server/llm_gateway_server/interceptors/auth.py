@@ -13,9 +13,11 @@ from typing import Any
 
 import grpc
 
+from llm_gateway.v1 import llm_gateway_pb2 as pb
+
 from ..config import ApiKeySettings
-from ..errors import GatewayError
-from ..transport.call import current_call
+from ..errors import GatewayError, api_key_disabled, api_key_expired, api_key_invalid, model_not_allowed
+from ..transport.call_record import current_call
 from ..transport.status import abort
 from .base import GatewayInterceptor, StreamBehavior, UnaryBehavior
 
@@ -37,8 +39,11 @@ def presented_key(metadata: Sequence[tuple[str, Any]] | None) -> str | None:
     return None
 
 
-def _unauthenticated(reason: str, message: str, key_id: str = "") -> GatewayError:
-    return GatewayError("UNAUTHENTICATED", reason, message, metadata={"key_id": key_id} if key_id else {})
+def requested_models(request: object) -> list[str]:
+    """The models a request names: its `model` and its explicit `routing.fallback_models`."""
+    if isinstance(request, (pb.ChatRequest, pb.ChatStreamRequest, pb.EmbedRequest, pb.CountTokensRequest)):
+        return [m for m in (request.model, *request.routing.fallback_models) if m]
+    return []
 
 
 class AuthInterceptor(GatewayInterceptor):
@@ -51,49 +56,29 @@ class AuthInterceptor(GatewayInterceptor):
     def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any], request: Any) -> ApiKeySettings:
         key = presented_key(context.invocation_metadata())
         if key is None:
-            raise _unauthenticated(
-                "API_KEY_INVALID", "missing API key: send `authorization: Bearer <key>` or `x-api-key`"
-            )
+            raise api_key_invalid("missing API key: send `authorization: Bearer <key>` or `x-api-key`")
         digest = hash_key(key)
         entry = self._by_hash.get(digest)
         if entry is None or not hmac.compare_digest(entry.key_sha256, digest):
-            raise _unauthenticated("API_KEY_INVALID", "the API key is not valid")
+            raise api_key_invalid("the API key is not valid")
         if entry.disabled:
-            raise GatewayError(
-                "PERMISSION_DENIED",
-                "API_KEY_DISABLED",
-                f"API key {entry.id!r} is disabled",
-                metadata={"key_id": entry.id},
-            )
+            raise api_key_disabled(entry.id)
         if entry.expires_at is not None and entry.expires_at.astimezone(UTC) <= datetime.now(UTC):
-            raise _unauthenticated(
-                "API_KEY_EXPIRED", f"API key {entry.id!r} expired at {entry.expires_at.isoformat()}", entry.id
-            )
-        models = [getattr(request, "model", "")] if getattr(request, "model", "") else []
-        routing = getattr(request, "routing", None)
-        if routing is not None:
-            models.extend(routing.fallback_models)
-        for model in models:
+            raise api_key_expired(entry.id, entry.expires_at.isoformat())
+        for model in requested_models(request):
             if not any(fnmatch.fnmatchcase(model, pattern) for pattern in entry.allowed_models):
-                raise GatewayError(
-                    "PERMISSION_DENIED",
-                    "MODEL_NOT_ALLOWED",
-                    f"API key {entry.id!r} may not use model {model!r}",
-                    metadata={"key_id": entry.id, "model": model},
-                )
+                raise model_not_allowed(entry.id, model)
         return entry
 
-    async def _admit(self, context: grpc.aio.ServicerContext[Any, Any], request: Any) -> bool:
+    async def _admit(self, context: grpc.aio.ServicerContext[Any, Any], request: Any) -> None:
         record = current_call.get()
         request_id = record.request_id if record else ""
         try:
             entry = self._authenticate(context, request)
         except GatewayError as error:
             await abort(context, error, request_id)
-            return False
         if record is not None:
             record.key_id, record.owner, record.scope = entry.id, entry.owner or entry.id, f"key:{entry.id}"
-        return True
 
     async def unary(
         self, inner: UnaryBehavior, request: Any, context: grpc.aio.ServicerContext[Any, Any], method: str

@@ -22,9 +22,10 @@ from google.protobuf import message as pb_message
 from llm_gateway.v1 import llm_gateway_pb2 as pb
 
 from ..config import CacheSettings
+from ..domain import Usage
 from ..state.base import BackendUnavailableError, CacheBackend
 from ..telemetry.metrics import Metrics
-from ..transport.call import current_call
+from ..transport.call_record import current_call
 from .base import GatewayInterceptor, StreamBehavior, UnaryBehavior, method_name
 
 log = structlog.get_logger(__name__)
@@ -62,6 +63,24 @@ def _modes(request: Any) -> tuple[bool, bool]:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _note_hit(model: str, provider: str, usage: pb.Usage) -> None:
+    """Fills the call's outcome from a cached answer: the deployment that once gave it and its
+    tokens (nothing was spent: no cost, no attempts)."""
+    record = current_call.get()
+    if record is None:
+        return
+    outcome = record.outcome
+    outcome.resolve(provider, model)
+    outcome.answered_model = model
+    outcome.usage = Usage(
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        cached_input_tokens=usage.cached_input_tokens,
+        estimated=usage.estimated,
+    )
+    outcome.cache_hit = outcome.completed = True
 
 
 class CacheInterceptor(GatewayInterceptor):
@@ -120,6 +139,7 @@ class CacheInterceptor(GatewayInterceptor):
                 record = current_call.get()
                 response.id = record.request_id if record else response.id  # type: ignore[attr-defined]
                 response.cache.hit, response.cache.age_ms = True, max(_now_ms() - stored_at, 0)  # type: ignore[attr-defined]
+                _note_hit(response.model, response.provider, response.usage)  # type: ignore[attr-defined]
                 self._count(name, "hit")
                 return response
             self._count(name, "miss")
@@ -150,13 +170,12 @@ class CacheInterceptor(GatewayInterceptor):
                 return
             self._count(name, "miss")
         events: list[bytes] = []
-        complete = False
         async for message in inner(request, context):
             if write:
                 events.append(message.SerializeToString())
-                complete = message.WhichOneof("event") == "final"
             yield message
-        if write and complete:
+        record = current_call.get()
+        if write and record is not None and record.outcome.completed:
             body = b"".join(_LENGTH.pack(len(e)) + e for e in events)
             await self._put(name, key, _HEADER.pack(_STREAM, _now_ms()) + body, self._ttl(request))
 
@@ -174,4 +193,5 @@ class CacheInterceptor(GatewayInterceptor):
                 message.id = record.request_id
             if message.WhichOneof("event") == "final":
                 message.final.cache.hit, message.final.cache.age_ms = True, max(_now_ms() - stored_at, 0)
+                _note_hit(message.model, message.provider, message.final.usage)
             yield message

@@ -12,21 +12,24 @@ RATE_LIMITER_UNAVAILABLE (fail-closed); either way it is logged and counted, nev
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import structlog
 
+from llm_gateway.v1 import llm_gateway_pb2 as pb
+
 from ..config import ApiKeySettings, RateLimitSettings
-from ..errors import GatewayError
-from ..providers.tokens import TOKENS_PER_MESSAGE, estimate_tokens
+from ..errors import rate_limit_exceeded, rate_limiter_unavailable
+from ..estimates import TOKENS_PER_MESSAGE, estimate_tokens
 from ..state.base import BackendUnavailableError, RateLimitBackend, Reservation
 from ..telemetry.metrics import Metrics
-from ..transport.call import CallRecord, current_call
+from ..transport.call_record import CallRecord, current_call
 from ..transport.status import abort
 from .base import GatewayInterceptor, StreamBehavior, UnaryBehavior
 
 log = structlog.get_logger(__name__)
+_LIMIT_UNITS = {"requests": "requests per minute", "tokens": "tokens per minute", "streams": "concurrent streams"}
 
 
 def peer_scope(peer: str) -> str:
@@ -36,23 +39,17 @@ def peer_scope(peer: str) -> str:
     return f"peer:{host}"
 
 
-def estimate_request_tokens(request: Any, output_reserve: int) -> int:
+def estimate_request_tokens(request: object, output_reserve: int) -> int:
     """Tokens a request may use: its text at ~4 chars/token plus framing, plus the output limit
     (or `output_reserve` when it sets none). Embed: the inputs only. Other calls: 0."""
-    if hasattr(request, "messages") and hasattr(request, "generation"):
+    if isinstance(request, (pb.ChatRequest, pb.ChatStreamRequest)):
         text = sum(len(p.text) for m in request.messages for p in m.content)
         generation = request.generation
         output = generation.max_output_tokens if generation.HasField("max_output_tokens") else output_reserve
         return estimate_tokens(text) + TOKENS_PER_MESSAGE * len(request.messages) + output
-    if hasattr(request, "inputs"):
+    if isinstance(request, pb.EmbedRequest):
         return sum(estimate_tokens(len(t)) for t in request.inputs)
     return 0
-
-
-def _usage_tokens(message: Any) -> int | None:
-    body = message.final if hasattr(message, "final") and message.WhichOneof("event") == "final" else message
-    usage = getattr(body, "usage", None)
-    return None if usage is None else int(usage.total_tokens)
 
 
 class RateLimitInterceptor(GatewayInterceptor):
@@ -101,34 +98,15 @@ class RateLimitInterceptor(GatewayInterceptor):
         if self._metrics is not None:
             self._metrics.backend_errors.labels("rate_limit", action).inc()
         if not self._settings.fail_open:
-            await abort(
-                context,
-                GatewayError(
-                    "UNAVAILABLE",
-                    "RATE_LIMITER_UNAVAILABLE",
-                    "the rate-limit backend is unavailable; try again shortly",
-                    retry_after_s=1.0,
-                ),
-                record.request_id,
-            )
+            await abort(context, rate_limiter_unavailable(), record.request_id)
 
     async def _reject(
         self, context: grpc.aio.ServicerContext[Any, Any], record: CallRecord, limit: str, value: int, reset_s: float
-    ) -> None:
+    ) -> NoReturn:
         if self._metrics is not None:
             self._metrics.rate_limited.labels(limit).inc()
-        what = {"requests": "requests per minute", "tokens": "tokens per minute", "streams": "concurrent streams"}[
-            limit
-        ]
-        error = GatewayError(
-            "RESOURCE_EXHAUSTED",
-            "RATE_LIMIT_EXCEEDED",
-            f"rate limit of {value} {what} reached for {record.scope}",
-            metadata={"limit": limit, "limit_value": str(value), "scope": record.scope},
-            retry_after_s=reset_s,
-            quota=[(record.scope, f"{value} {what}")],
-        )
-        await abort(context, error, record.request_id)
+        what = _LIMIT_UNITS[limit]
+        await abort(context, rate_limit_exceeded(record.scope, limit, value, what, reset_s), record.request_id)
 
     async def _reserve(
         self, context: grpc.aio.ServicerContext[Any, Any], request: Any
@@ -174,11 +152,12 @@ class RateLimitInterceptor(GatewayInterceptor):
             ]
         return record, reservation, tuple(headers)
 
-    async def _reconcile(self, record: CallRecord, reservation: Reservation | None, actual: int | None) -> None:
+    async def _reconcile(self, record: CallRecord, reservation: Reservation | None) -> None:
+        """Replaces the reservation by the call's real tokens (0 when it produced no usage)."""
         if reservation is None:
             return
         try:
-            await self._backend.reconcile(record.scope, reservation, actual or 0)
+            await self._backend.reconcile(record.scope, reservation, record.outcome.total_tokens)
         except BackendUnavailableError as exc:
             log.warning("rate_limit_reconcile_failed", error=str(exc), request_id=record.request_id)
             if self._metrics is not None:
@@ -188,15 +167,13 @@ class RateLimitInterceptor(GatewayInterceptor):
         self, inner: UnaryBehavior, request: Any, context: grpc.aio.ServicerContext[Any, Any], method: str
     ) -> Any:
         record, reservation, headers = await self._reserve(context, request)
-        actual: int | None = None
         try:
             response = await inner(request, context)
-            actual = _usage_tokens(response)
             if headers:  # trailers travel with the status: no extra HTTP/2 frame (~0.1 ms, bench/NOTES.md)
                 context.set_trailing_metadata((*(context.trailing_metadata() or ()), *headers))
             return response
         finally:
-            await self._reconcile(record, reservation, actual)
+            await self._reconcile(record, reservation)
 
     async def stream(
         self, inner: StreamBehavior, request: Any, context: grpc.aio.ServicerContext[Any, Any], method: str
@@ -212,18 +189,15 @@ class RateLimitInterceptor(GatewayInterceptor):
                     record.scope, record.request_id, max_streams, self._stream_max_age_s
                 )
                 if not registered:
-                    await self._reconcile(record, reservation, 0)
+                    await self._reconcile(record, reservation)
                     await self._reject(context, record, "streams", max_streams, 1.0)
             except BackendUnavailableError as exc:
                 await self._backend_failed(context, record, exc)
-        actual: int | None = None
         try:
             async for message in inner(request, context):
-                if message.WhichOneof("event") == "final":
-                    actual = _usage_tokens(message)
                 yield message
         finally:
-            await self._reconcile(record, reservation, actual)
+            await self._reconcile(record, reservation)
             if registered:
                 try:
                     await self._backend.close_stream(record.scope, record.request_id)

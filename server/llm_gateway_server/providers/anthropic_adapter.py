@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from types import ModuleType
 from typing import Any, ClassVar
 
-import anthropic
 import httpx2
 
 from ..domain import (
@@ -21,6 +20,7 @@ from ..domain import (
     ChatDelta,
     ChatRequest,
     LiveModel,
+    OptionWarning,
     ProviderChatResult,
     ProviderEmbedResult,
     ProviderStreamEnd,
@@ -28,12 +28,11 @@ from ..domain import (
     TokenCount,
     TokenCountMethod,
     ToolCallDelta,
-    Warning,
 )
-from ..errors import GatewayError
+from ..errors import GatewayError, capability_not_supported
 from . import anthropic_mapping, errors
-from .base import Provider
-from .sdk_http import HttpClientKind, sdk_http_client
+from .base import Provider, ProviderConfig, ProviderSpec
+from .sdk_http import sdk_http_client
 from .stainless_errors import SdkCalls
 
 MODELS_PAGE_SIZE = 100
@@ -45,41 +44,28 @@ _ANTHROPIC_CAPABILITIES = frozenset(
 class AnthropicProvider(SdkCalls, Provider):
     """Adapter for the Anthropic Messages API.
 
-    Args:
-        name: provider name in the registry, usually "anthropic".
-        api_key: the provider key (`ANTHROPIC_API_KEY`).
-        base_url: API root without `/v1` (None: the SDK default, api.anthropic.com).
-        passthrough: route models absent from the catalog to this provider.
-        max_connections: HTTP connection pool size.
-        http_client: the SDK's HTTP transport, "aiohttp" or "httpx" (see `sdk_http`).
+    Built from a `ProviderConfig` whose `base_url` is the API root without `/v1` (None: the SDK
+    default, api.anthropic.com; a trailing `/v1` is removed by `SPEC`).
     """
 
     kind = "anthropic"
-    _sdk: ClassVar[ModuleType] = anthropic
     _wire: ClassVar[ModuleType] = anthropic_mapping
     requires_max_output_tokens = True
     supports_embeddings = False
 
-    def __init__(
-        self,
-        name: str,
-        *,
-        api_key: str,
-        base_url: str | None,
-        passthrough: bool,
-        max_connections: int = 200,
-        http_client: HttpClientKind = "aiohttp",
-    ) -> None:
-        self.name = name
-        self.passthrough = passthrough
-        self._client = anthropic.AsyncAnthropic(
-            api_key=api_key,
-            base_url=base_url,
+    def _make_client(self, config: ProviderConfig) -> Any:
+        # Imported on first use: the anthropic SDK takes ~2 s to import, paid only when configured.
+        import anthropic  # noqa: PLC0415
+
+        self._sdk = anthropic
+        return anthropic.AsyncAnthropic(
+            api_key=config.api_key,
+            base_url=config.base_url,
             max_retries=0,
-            http_client=sdk_http_client(anthropic, httpx2.Limits, http_client, max_connections),
+            http_client=sdk_http_client(anthropic, httpx2.Limits, config.http_client, config.max_connections),
         )
 
-    def plan_chat(self, request: ChatRequest) -> tuple[Warning, ...]:
+    def chat_warnings(self, request: ChatRequest) -> tuple[OptionWarning, ...]:
         """Warnings for the options Anthropic's API does not have (dropped)."""
         return anthropic_mapping.chat_warnings(request)
 
@@ -158,11 +144,8 @@ class AnthropicProvider(SdkCalls, Provider):
     ) -> ProviderEmbedResult:
         """Anthropic has no embeddings API; the router refuses before calling (see
         `supports_embeddings`). Raises GatewayError CAPABILITY_NOT_SUPPORTED if called anyway."""
-        raise GatewayError(
-            "INVALID_ARGUMENT",
-            "CAPABILITY_NOT_SUPPORTED",
-            f"provider {self.name!r} (Anthropic) has no embeddings API",
-            metadata={"provider": self.name, "model": model, "capability": "embeddings"},
+        raise capability_not_supported(
+            model, "embeddings", provider=self.name, detail=f"provider {self.name!r} (Anthropic) has no embeddings API"
         )
 
     async def count_tokens(self, request: ChatRequest, model: str, timeout_s: float) -> TokenCount:
@@ -203,3 +186,16 @@ class AnthropicProvider(SdkCalls, Provider):
     async def aclose(self) -> None:
         """Closes the client's connection pool."""
         await self._client.close()
+
+
+SPEC = ProviderSpec(
+    kind="anthropic",
+    factory=AnthropicProvider,
+    configure_hint="set ANTHROPIC_API_KEY",
+    api_key_env="ANTHROPIC_API_KEY",
+    base_url_env="ANTHROPIC_BASE_URL",
+    default_base_url="https://api.anthropic.com",
+    # The SDK adds `/v1/messages` itself: `ANTHROPIC_BASE_URL=https://host/v1` would call /v1/v1/messages.
+    strip_base_url_suffix="/v1",
+)
+"""Anthropic's Messages API."""

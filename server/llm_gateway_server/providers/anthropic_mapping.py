@@ -15,7 +15,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from ..domain import ChatRequest, FinishReason, ImagePart, Message, Role, TextPart, ToolCall, Usage, Warning
+from ..domain import ChatRequest, FinishReason, ImagePart, Message, OptionWarning, Role, TextPart, ToolCall, Usage
 
 # Used when neither the request nor the catalog gives an output limit (Anthropic requires one).
 DEFAULT_MAX_TOKENS = 4096
@@ -104,10 +104,12 @@ def messages_to_wire(messages: tuple[Message, ...]) -> tuple[str, list[dict[str,
     return system, wire
 
 
-def chat_warnings(request: ChatRequest) -> tuple[Warning, ...]:
+def chat_warnings(request: ChatRequest) -> tuple[OptionWarning, ...]:
     """Warnings for the sampling options `chat_params` drops."""
     return tuple(
-        Warning("OPTION_DROPPED", field, "Anthropic's Messages API (version 2026-10-21, SDK 2.x) has no such parameter")
+        OptionWarning(
+            "OPTION_DROPPED", field, "Anthropic's Messages API (version 2026-10-21, SDK 2.x) has no such parameter"
+        )
         for attribute, field in _DROPPED
         if getattr(request.generation, attribute) is not None
     )

@@ -9,22 +9,106 @@ client cancel or a deadline closes the upstream HTTP request.
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from ..domain import (
     ChatRequest,
     LiveModel,
+    OptionWarning,
     ProviderChatResult,
     ProviderEmbedResult,
     ProviderStreamEvent,
     TokenCount,
-    Warning,
 )
 from . import tokens
+
+HttpClientKind = Literal["aiohttp", "httpx"]
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    """What an adapter is built from: its settings with the key and defaults resolved.
+
+    Attributes:
+        name: provider name in the registry, e.g. "openai" or "vllm".
+        api_key: the provider key (None for providers that take none).
+        base_url: API root as the SDK expects it (None: the SDK's default).
+        passthrough: route models absent from the catalog to this provider.
+        max_connections: HTTP connection pool size.
+        http_client: the HTTP transport under a Stainless SDK ("aiohttp" or "httpx").
+    """
+
+    name: str
+    api_key: str | None = None
+    base_url: str | None = None
+    passthrough: bool = False
+    max_connections: int = 200
+    http_client: HttpClientKind = "aiohttp"
+
+
+KeyPolicy = Literal["required", "optional_with_base_url", "unused"]
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderSpec:
+    """How a provider kind is configured; each adapter module declares one (`SPEC`), and the
+    registry, config validation and environment discovery are derived from the declarations.
+
+    Attributes:
+        kind: the `providers[].kind` value, e.g. "anthropic"; also the name of the provider the
+            environment discovers.
+        factory: builds the adapter from its config.
+        configure_hint: how to configure it, shown in PROVIDER_NOT_CONFIGURED errors.
+        api_key_env: the SDK's standard key variable, e.g. "ANTHROPIC_API_KEY".
+        base_url_env: the SDK's standard base-URL (or host) variable.
+        key: "required"; "optional_with_base_url" (a key is needed only for the SDK's default
+            base URL: a compatible server may need none); "unused".
+        default_base_url: the SDK's default API root (a different one is a custom server).
+        passthrough_with_custom_base_url: a custom server receives model ids the catalog does not
+            know (it serves whatever it serves).
+        strip_base_url_suffix: a suffix operators often add that the SDK adds itself (e.g. "/v1"
+            for Anthropic): accepted and removed.
+    """
+
+    kind: str
+    factory: Callable[[ProviderConfig], Provider]
+    configure_hint: str
+    api_key_env: str | None = None
+    base_url_env: str | None = None
+    key: KeyPolicy = "required"
+    default_base_url: str | None = None
+    passthrough_with_custom_base_url: bool = False
+    strip_base_url_suffix: str = ""
+
+    @property
+    def discovery_env(self) -> tuple[str, ...]:
+        """Variables whose presence brings the provider up with no config file."""
+        names = [self.api_key_env] if self.key != "unused" else []
+        if self.key != "required":
+            names.append(self.base_url_env)
+        return tuple(n for n in names if n)
+
+    def normalized_base_url(self, base_url: str | None) -> str | None:
+        """`base_url` without a trailing slash and without `strip_base_url_suffix`."""
+        if not base_url:
+            return None
+        url = base_url.rstrip("/")
+        if self.strip_base_url_suffix and url.endswith(self.strip_base_url_suffix):
+            url = url[: -len(self.strip_base_url_suffix)]
+        return url
+
+    def is_custom(self, base_url: str | None) -> bool:
+        """Whether `base_url` points elsewhere than the SDK's default."""
+        normalized = self.normalized_base_url(base_url)
+        return normalized is not None and normalized != (self.default_base_url or "").rstrip("/")
 
 
 class Provider(abc.ABC):
     """One configured provider (e.g. "openai", "ollama", a named OpenAI-compatible server).
+
+    Built from a `ProviderConfig`; subclasses create their SDK client in `_make_client`.
 
     Attributes:
         name: configured provider name, unique in the registry.
@@ -41,8 +125,17 @@ class Provider(abc.ABC):
     requires_max_output_tokens: bool = False
     supports_embeddings: bool = True
 
+    def __init__(self, config: ProviderConfig) -> None:
+        self.name = config.name
+        self.passthrough = config.passthrough
+        self._client = self._make_client(config)
+
     @abc.abstractmethod
-    def plan_chat(self, request: ChatRequest) -> tuple[Warning, ...]:
+    def _make_client(self, config: ProviderConfig) -> Any:
+        """The provider's SDK client (one per provider, pooled connections, SDK retries off)."""
+
+    @abc.abstractmethod
+    def chat_warnings(self, request: ChatRequest) -> tuple[OptionWarning, ...]:
         """Returns the warnings for options this provider drops (pure, cheap: it does not build
         the request). Options it cannot honour at all fail the call with INVALID_ARGUMENT."""
 

@@ -14,34 +14,33 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..errors import GatewayError
+from ..errors import GatewayError, Reason
 
 _MAX_UPSTREAM_MESSAGE = 500  # chars of an upstream error message echoed to clients
 
 
 @dataclass(frozen=True, slots=True)
 class _Row:
-    code: str
-    reason: str
+    reason: Reason
     retryable: bool
     fallback: bool
 
 
 # HTTP status → gateway error. 4xx not listed fall back to 400's row, 5xx to 500's.
 _STATUS_TABLE: Mapping[int, _Row] = {
-    400: _Row("INVALID_ARGUMENT", "PROVIDER_REJECTED", retryable=False, fallback=False),
-    401: _Row("INTERNAL", "PROVIDER_AUTH_FAILED", retryable=False, fallback=True),
-    402: _Row("RESOURCE_EXHAUSTED", "PROVIDER_QUOTA_EXHAUSTED", retryable=False, fallback=True),  # billing
-    403: _Row("INTERNAL", "PROVIDER_AUTH_FAILED", retryable=False, fallback=True),
-    404: _Row("NOT_FOUND", "MODEL_NOT_FOUND", retryable=False, fallback=True),
-    408: _Row("UNAVAILABLE", "PROVIDER_UNAVAILABLE", retryable=True, fallback=True),
-    409: _Row("UNAVAILABLE", "PROVIDER_UNAVAILABLE", retryable=True, fallback=True),
-    413: _Row("INVALID_ARGUMENT", "PROVIDER_REJECTED", retryable=False, fallback=False),
-    422: _Row("INVALID_ARGUMENT", "PROVIDER_REJECTED", retryable=False, fallback=False),
-    429: _Row("RESOURCE_EXHAUSTED", "PROVIDER_RATE_LIMITED", retryable=True, fallback=True),
-    498: _Row("UNAVAILABLE", "PROVIDER_UNAVAILABLE", retryable=True, fallback=True),  # Groq flex capacity
-    499: _Row("UNAVAILABLE", "PROVIDER_UNAVAILABLE", retryable=True, fallback=True),  # request cancelled upstream
-    500: _Row("UNAVAILABLE", "PROVIDER_UNAVAILABLE", retryable=True, fallback=True),
+    400: _Row(Reason.PROVIDER_REJECTED, retryable=False, fallback=False),
+    401: _Row(Reason.PROVIDER_AUTH_FAILED, retryable=False, fallback=True),
+    402: _Row(Reason.PROVIDER_QUOTA_EXHAUSTED, retryable=False, fallback=True),  # billing
+    403: _Row(Reason.PROVIDER_AUTH_FAILED, retryable=False, fallback=True),
+    404: _Row(Reason.MODEL_NOT_FOUND, retryable=False, fallback=True),
+    408: _Row(Reason.PROVIDER_UNAVAILABLE, retryable=True, fallback=True),
+    409: _Row(Reason.PROVIDER_UNAVAILABLE, retryable=True, fallback=True),
+    413: _Row(Reason.PROVIDER_REJECTED, retryable=False, fallback=False),
+    422: _Row(Reason.PROVIDER_REJECTED, retryable=False, fallback=False),
+    429: _Row(Reason.PROVIDER_RATE_LIMITED, retryable=True, fallback=True),
+    498: _Row(Reason.PROVIDER_UNAVAILABLE, retryable=True, fallback=True),  # Groq flex capacity
+    499: _Row(Reason.PROVIDER_UNAVAILABLE, retryable=True, fallback=True),  # request cancelled upstream
+    500: _Row(Reason.PROVIDER_UNAVAILABLE, retryable=True, fallback=True),
 }
 
 # Upstream error codes/types (lower case) that mean "this input will never be accepted".
@@ -109,18 +108,13 @@ def from_http_status(
     """
     code = upstream_code.lower()
     row = _row_for(status) if status > 0 else _STATUS_TABLE[500]
-    reason = row.reason
-    retryable, fallback = row.retryable, row.fallback
     if code in CONTENT_FILTER_CODES:
-        row_code, reason, retryable, fallback = "INVALID_ARGUMENT", "CONTENT_FILTERED", False, False
+        row = _Row(Reason.CONTENT_FILTERED, retryable=False, fallback=False)
     elif code in CONTEXT_LENGTH_CODES:
-        row_code, reason, retryable, fallback = "INVALID_ARGUMENT", "PROVIDER_REJECTED", False, False
+        row = _Row(Reason.PROVIDER_REJECTED, retryable=False, fallback=False)
     elif status == 429 and code in QUOTA_CODES:
-        row_code, reason, retryable, fallback = "RESOURCE_EXHAUSTED", "PROVIDER_QUOTA_EXHAUSTED", False, True
-        retry_after_s = None
-    else:
-        row_code = row.code
-    if reason == "PROVIDER_AUTH_FAILED":
+        row = _Row(Reason.PROVIDER_QUOTA_EXHAUSTED, retryable=False, fallback=True)
+    if row.reason is Reason.PROVIDER_AUTH_FAILED:
         detail = "the provider rejected the gateway's credentials for it; check its API key"
     else:
         detail = _clip(upstream_message) or "no message"
@@ -129,21 +123,19 @@ def from_http_status(
     if upstream_code:
         metadata["upstream_code"] = upstream_code
     return GatewayError(
-        row_code,
-        reason,
+        row.reason,
         f"provider {provider!r} answered {where} for model {model!r}: {detail}",
         metadata=metadata,
-        retry_after_s=retry_after_s if retryable else None,
-        retryable=retryable,
-        fallback=fallback,
+        retry_after_s=retry_after_s if row.retryable else None,
+        retryable=row.retryable,
+        fallback=row.fallback,
     )
 
 
 def connection_failed(provider: str, model: str, detail: str) -> GatewayError:
     """UNAVAILABLE / PROVIDER_UNAVAILABLE for a connection that failed or dropped."""
     return GatewayError(
-        "UNAVAILABLE",
-        "PROVIDER_UNAVAILABLE",
+        Reason.PROVIDER_UNAVAILABLE,
         f"could not reach provider {provider!r} for model {model!r}: {_clip(detail)}",
         metadata={"provider": provider, "model": model, "upstream_status": "0", "failure": "connection"},
         retryable=True,
@@ -153,8 +145,7 @@ def connection_failed(provider: str, model: str, detail: str) -> GatewayError:
 def upstream_timeout(provider: str, model: str, timeout_s: float) -> GatewayError:
     """UNAVAILABLE / PROVIDER_UNAVAILABLE when the provider's own configured timeout passed."""
     return GatewayError(
-        "UNAVAILABLE",
-        "PROVIDER_UNAVAILABLE",
+        Reason.PROVIDER_UNAVAILABLE,
         f"provider {provider!r} did not answer within {timeout_s:.1f}s for model {model!r}",
         metadata={"provider": provider, "model": model, "upstream_status": "0", "failure": "timeout"},
         retryable=True,
@@ -165,8 +156,7 @@ def bad_response(provider: str, model: str, detail: str) -> GatewayError:
     """UNAVAILABLE / PROVIDER_BAD_RESPONSE for a body or stream the gateway cannot parse, or a
     stream that ended without its end marker."""
     return GatewayError(
-        "UNAVAILABLE",
-        "PROVIDER_BAD_RESPONSE",
+        Reason.PROVIDER_BAD_RESPONSE,
         f"provider {provider!r} sent an unusable response for model {model!r}: {_clip(detail)}",
         metadata={"provider": provider, "model": model, "failure": "bad_response"},
         retryable=True,

@@ -13,14 +13,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-import groq
 import httpx
 
-from ..domain import ChatRequest, ProviderEmbedResult, Usage, Warning
-from ..errors import GatewayError
+from ..domain import ChatRequest, OptionWarning, ProviderEmbedResult, Usage
+from ..errors import capability_not_supported
 from . import openai_mapping
+from .base import ProviderConfig, ProviderSpec
 from .openai_adapter import OpenAIProvider
-from .sdk_http import HttpClientKind, sdk_http_client
+from .sdk_http import sdk_http_client
 
 
 class GroqProvider(OpenAIProvider):
@@ -29,24 +29,24 @@ class GroqProvider(OpenAIProvider):
 
     kind = "groq"
     supports_embeddings = False
-    _sdk: ClassVar[Any] = groq
     _chat_path: ClassVar[str] = "/openai/v1/chat/completions"
     _response_type: ClassVar[type] = httpx.Response
 
-    def _make_client(
-        self, api_key: str, base_url: str | None, max_connections: int, http_client: HttpClientKind
-    ) -> Any:
+    def _make_client(self, config: ProviderConfig) -> Any:
+        import groq  # noqa: PLC0415 - imported only when configured
+
+        self._sdk = groq
         return groq.AsyncGroq(
-            api_key=api_key,
-            base_url=base_url,
+            api_key=config.api_key,
+            base_url=config.base_url,
             max_retries=0,
-            http_client=sdk_http_client(groq, httpx.Limits, http_client, max_connections),
+            http_client=sdk_http_client(groq, httpx.Limits, config.http_client, config.max_connections),
         )
 
-    def plan_chat(self, request: ChatRequest) -> tuple[Warning, ...]:
+    def chat_warnings(self, request: ChatRequest) -> tuple[OptionWarning, ...]:
         """OpenAI's warnings, plus message names (Groq rejects them; `_chat_params` drops them)."""
-        names = (Warning("OPTION_DROPPED", "messages[].name", "Groq rejects message names"),)
-        return (*(names if any(m.name for m in request.messages) else ()), *super().plan_chat(request))
+        names = (OptionWarning("OPTION_DROPPED", "messages[].name", "Groq rejects message names"),)
+        return (*(names if any(m.name for m in request.messages) else ()), *super().chat_warnings(request))
 
     def _chat_params(self, request: ChatRequest, model: str, *, stream: bool) -> dict[str, Any]:
         if any(m.name for m in request.messages):
@@ -67,9 +67,19 @@ class GroqProvider(OpenAIProvider):
         self, model: str, inputs: tuple[str, ...], dimensions: int | None, timeout_s: float
     ) -> ProviderEmbedResult:
         """Groq has no embeddings API; the router refuses before calling. Raises GatewayError."""
-        raise GatewayError(
-            "INVALID_ARGUMENT",
-            "CAPABILITY_NOT_SUPPORTED",
-            f"provider {self.name!r} (Groq) has no embeddings API",
-            metadata={"provider": self.name, "model": model, "capability": "embeddings"},
+        raise capability_not_supported(
+            model, "embeddings", provider=self.name, detail=f"provider {self.name!r} (Groq) has no embeddings API"
         )
+
+
+SPEC = ProviderSpec(
+    kind="groq",
+    factory=GroqProvider,
+    configure_hint="set GROQ_API_KEY",
+    api_key_env="GROQ_API_KEY",
+    base_url_env="GROQ_BASE_URL",
+    default_base_url="https://api.groq.com",
+    # The SDK adds `/openai/v1/...` itself.
+    strip_base_url_suffix="/openai/v1",
+)
+"""Groq's OpenAI-compatible API."""

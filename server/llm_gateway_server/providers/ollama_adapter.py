@@ -3,11 +3,16 @@
 One `ollama.AsyncClient` per configured provider, reused. The SDK never retries and has no
 per-call timeout, so each call runs under `asyncio.timeout(timeout_s)`; cancelling the task (client
 cancel, deadline) closes the upstream HTTP request.
+
+The SDK's `ResponseError` keeps only the status and body of a failed response, not its
+`retry-after` / `retry-after-ms` headers; an httpx response hook on the SDK's client records them
+(see `_record_error_response`) for `_map`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
@@ -20,44 +25,59 @@ from ..domain import (
     ChatDelta,
     ChatRequest,
     LiveModel,
+    OptionWarning,
     ProviderChatResult,
     ProviderEmbedResult,
     ProviderStreamEnd,
     ProviderStreamEvent,
     ToolCallDelta,
     Usage,
-    Warning,
 )
 from ..errors import GatewayError
 from . import errors, ollama_mapping
-from .base import Provider
+from .base import Provider, ProviderConfig, ProviderSpec
 
 T = TypeVar("T")
 
 # Inputs per /api/embed call: Ollama documents no limit; batches bound request size and latency.
 EMBED_BATCH_LIMIT = 256
 
+_RETRY_HEADERS = ("retry-after-ms", "retry-after")
+# (status, retry headers) of the last error response an Ollama call received in this task.
+_last_error_response: contextvars.ContextVar[tuple[int, dict[str, str]] | None] = contextvars.ContextVar(
+    "ollama_last_error_response", default=None
+)
+
+
+async def _record_error_response(response: httpx.Response) -> None:
+    """httpx response hook: notes an error response's status and retry headers.
+
+    httpx awaits response hooks inside `AsyncClient.send`, in the task making the request, before
+    the SDK turns the status into a `ResponseError` in that same task; so the value set here is
+    seen by that call's `_map` and by no other task (each task runs in its own context). Every
+    error response overwrites it, so a call never reads an earlier call's headers.
+    """
+    if response.is_error:
+        headers = {k: response.headers[k] for k in _RETRY_HEADERS if k in response.headers}
+        _last_error_response.set((response.status_code, headers))
+
 
 class OllamaProvider(Provider):
     """Adapter for an Ollama server.
 
-    Args:
-        name: provider name in the registry, usually "ollama".
-        host: server root, e.g. "http://127.0.0.1:11434" (no `/api`); parsed like `OLLAMA_HOST`.
-        passthrough: route models absent from the catalog to this provider.
-        max_connections: HTTP connection pool size.
+    Built from a `ProviderConfig` whose `base_url` is the server root, e.g.
+    "http://127.0.0.1:11434" (no `/api`), parsed like `OLLAMA_HOST`; no key.
     """
 
     kind = "ollama"
 
-    def __init__(self, name: str, *, host: str | None, passthrough: bool, max_connections: int = 200) -> None:
-        self.name = name
-        self.passthrough = passthrough
-        self._client = ollama.AsyncClient(
-            host=host, limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+    def _make_client(self, config: ProviderConfig) -> ollama.AsyncClient:
+        limits = httpx.Limits(max_connections=config.max_connections, max_keepalive_connections=config.max_connections)
+        return ollama.AsyncClient(  # kwargs other than host go to httpx.AsyncClient
+            host=config.base_url, limits=limits, event_hooks={"response": [_record_error_response]}
         )
 
-    def plan_chat(self, request: ChatRequest) -> tuple[Warning, ...]:
+    def chat_warnings(self, request: ChatRequest) -> tuple[OptionWarning, ...]:
         """Warnings for dropped options (image URLs, which Ollama cannot fetch, fail the call)."""
         return ollama_mapping.chat_warnings(request)
 
@@ -168,7 +188,9 @@ class OllamaProvider(Provider):
             return exc
         if isinstance(exc, ollama.ResponseError):
             # status -1: an {"error": ...} line inside a 200 stream.
-            return errors.from_http_status(self.name, model, exc.status_code, str(exc.error))
+            return errors.from_http_status(
+                self.name, model, exc.status_code, str(exc.error), retry_after_s=_retry_after(exc.status_code)
+            )
         if isinstance(exc, ConnectionError):  # the SDK's "Failed to connect to Ollama"
             return errors.connection_failed(self.name, model, str(exc))
         if isinstance(exc, httpx.TransportError):
@@ -176,3 +198,23 @@ class OllamaProvider(Provider):
         if isinstance(exc, (json.JSONDecodeError, pydantic.ValidationError, ValueError, TypeError, KeyError)):
             return errors.bad_response(self.name, model, f"{type(exc).__name__}: {str(exc)[:200]}")
         return errors.bad_response(self.name, model, f"unexpected {type(exc).__name__}")
+
+
+def _retry_after(status: int) -> float | None:
+    """The delay asked for by the error response behind a `ResponseError` with `status` (recorded
+    by `_record_error_response` in this task), or None."""
+    recorded = _last_error_response.get()
+    if status <= 0 or recorded is None or recorded[0] != status:
+        return None
+    _last_error_response.set(None)
+    return errors.parse_retry_after(recorded[1])
+
+
+SPEC = ProviderSpec(
+    kind="ollama",
+    factory=OllamaProvider,
+    configure_hint="set OLLAMA_HOST, e.g. http://127.0.0.1:11434",
+    base_url_env="OLLAMA_HOST",
+    key="unused",
+)
+"""A local or remote Ollama server at `OLLAMA_HOST`."""

@@ -20,13 +20,13 @@ from ..domain import (
     FinishReason,
     ImagePart,
     LiveModel,
+    OptionWarning,
     Role,
     TextPart,
     ToolCall,
     Usage,
-    Warning,
 )
-from ..errors import GatewayError
+from ..errors import capability_not_supported
 
 # Ollama `done_reason` → normalised reason (tool calls detected separately). Source: reference §4.2.
 DONE_REASONS: Mapping[str, FinishReason] = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH}
@@ -46,12 +46,12 @@ def _image_b64(part: ImagePart, provider: str) -> str:
     url = part.url or ""
     if url.startswith("data:") and ";base64," in url:
         return url.split(";base64,", 1)[1]
-    raise GatewayError(
-        "INVALID_ARGUMENT",
-        "CAPABILITY_NOT_SUPPORTED",
-        f"provider {provider!r} (Ollama) does not fetch image URLs; send the image bytes (ImagePart.data) "
+    raise capability_not_supported(
+        "",
+        "image_url",
+        provider=provider,
+        detail=f"provider {provider!r} (Ollama) does not fetch image URLs; send the image bytes (ImagePart.data) "
         "or a data: URL instead",
-        metadata={"provider": provider, "capability": "image_url"},
     )
 
 
@@ -85,17 +85,19 @@ def messages_to_wire(request: ChatRequest, provider: str) -> list[dict[str, Any]
     return wire
 
 
-def chat_warnings(request: ChatRequest) -> tuple[Warning, ...]:
+def chat_warnings(request: ChatRequest) -> tuple[OptionWarning, ...]:
     """Warnings for the options `chat_params` drops (Ollama has no tool_choice or parallel switch)."""
-    warnings: list[Warning] = []
+    warnings: list[OptionWarning] = []
     choice = request.tool_choice
     if choice is not None and (choice.function_name or choice.mode in ("required", "none")):
         warnings.append(
-            Warning("OPTION_DROPPED", "tool_choice", "Ollama's /api/chat has no tool_choice; the model decides")
+            OptionWarning("OPTION_DROPPED", "tool_choice", "Ollama's /api/chat has no tool_choice; the model decides")
         )
     if request.generation.parallel_tool_calls is not None:
         warnings.append(
-            Warning("OPTION_DROPPED", "generation.parallel_tool_calls", "Ollama has no parallel_tool_calls switch")
+            OptionWarning(
+                "OPTION_DROPPED", "generation.parallel_tool_calls", "Ollama has no parallel_tool_calls switch"
+            )
         )
     return tuple(warnings)
 

@@ -20,21 +20,23 @@ import openai
 from ..domain import (
     ChatRequest,
     LiveModel,
+    OptionWarning,
     ProviderChatResult,
     ProviderEmbedResult,
     ProviderStreamEnd,
     ProviderStreamEvent,
     Usage,
-    Warning,
 )
 from ..errors import GatewayError
 from . import errors, openai_mapping
-from .base import Provider
-from .sdk_http import HttpClientKind, sdk_http_client
+from .base import Provider, ProviderConfig, ProviderSpec
+from .sdk_http import sdk_http_client
 from .stainless_errors import SdkCalls
 
 T = TypeVar("T")
 
+# Placeholder key for OpenAI-compatible servers that need none (the SDK refuses an empty key).
+NO_KEY_PLACEHOLDER = "no-key-configured"
 # Inputs per embeddings call. Source: OpenAI API reference, embeddings (max 2048 inputs per call).
 EMBED_BATCH_LIMIT = 2048
 
@@ -56,46 +58,26 @@ async def _drain(lines: AsyncIterator[str]) -> None:
 class OpenAIProvider(SdkCalls, Provider):
     """Adapter for the OpenAI API and any server that speaks its Chat Completions protocol.
 
-    Args:
-        name: provider name in the registry, e.g. "openai" or "llamacpp".
-        api_key: the provider key (a placeholder is used for servers that need none).
-        base_url: API root including `/v1` (None: the SDK default, api.openai.com).
-        passthrough: route models absent from the catalog to this provider.
-        max_connections: HTTP connection pool size.
-        http_client: the SDK's HTTP transport, "aiohttp" or "httpx" (see `sdk_http`).
+    Built from a `ProviderConfig` whose `base_url` is the API root including `/v1` (None: the
+    SDK default, api.openai.com); a server that needs no key gets a placeholder (the SDK refuses
+    an empty one).
     """
 
     kind = "openai"
     # The SDK module whose exception classes `_map` checks (the groq SDK mirrors openai's).
-    _sdk: ClassVar[ModuleType] = openai
+    _sdk: ModuleType = openai
     _wire: ClassVar[ModuleType] = openai_mapping
     # Chat Completions path under the client's base URL, and the SDK's raw HTTP response class.
     _chat_path: ClassVar[str] = "/chat/completions"
     _embeddings_path: ClassVar[str] = "/embeddings"
     _response_type: ClassVar[type] = httpx2.Response
 
-    def __init__(
-        self,
-        name: str,
-        *,
-        api_key: str,
-        base_url: str | None,
-        passthrough: bool,
-        max_connections: int = 200,
-        http_client: HttpClientKind = "aiohttp",
-    ) -> None:
-        self.name = name
-        self.passthrough = passthrough
-        self._client = self._make_client(api_key, base_url, max_connections, http_client)
-
-    def _make_client(
-        self, api_key: str, base_url: str | None, max_connections: int, http_client: HttpClientKind
-    ) -> Any:
+    def _make_client(self, config: ProviderConfig) -> Any:
         return openai.AsyncOpenAI(
-            api_key=api_key,
-            base_url=base_url,
+            api_key=config.api_key or NO_KEY_PLACEHOLDER,
+            base_url=config.base_url,
             max_retries=0,
-            http_client=sdk_http_client(openai, httpx2.Limits, http_client, max_connections),
+            http_client=sdk_http_client(openai, httpx2.Limits, config.http_client, config.max_connections),
         )
 
     def _chat_params(self, request: ChatRequest, model: str, *, stream: bool) -> dict[str, Any]:
@@ -105,7 +87,7 @@ class OpenAIProvider(SdkCalls, Provider):
         """Usage carried by a stream chunk (JSON; the `include_usage` chunk), or None."""
         return openai_mapping.usage_from_wire(chunk.get("usage"))
 
-    def plan_chat(self, request: ChatRequest) -> tuple[Warning, ...]:
+    def chat_warnings(self, request: ChatRequest) -> tuple[OptionWarning, ...]:
         """Warnings for the options this API drops (see `openai_mapping.chat_warnings`)."""
         return openai_mapping.chat_warnings(request)
 
@@ -242,3 +224,17 @@ class OpenAIProvider(SdkCalls, Provider):
     async def aclose(self) -> None:
         """Closes the client's connection pool."""
         await self._client.close()
+
+
+SPEC = ProviderSpec(
+    kind="openai",
+    factory=OpenAIProvider,
+    configure_hint="set OPENAI_API_KEY (and OPENAI_BASE_URL for an OpenAI-compatible server)",
+    api_key_env="OPENAI_API_KEY",
+    base_url_env="OPENAI_BASE_URL",
+    key="optional_with_base_url",
+    default_base_url="https://api.openai.com/v1",
+    passthrough_with_custom_base_url=True,
+)
+"""OpenAI, or any OpenAI-compatible server at `OPENAI_BASE_URL` (which then gets model ids the
+catalog does not know)."""

@@ -17,13 +17,13 @@ from ..domain import (
     FinishReason,
     ImagePart,
     Message,
+    OptionWarning,
     ProviderChatResult,
     Role,
     TextPart,
     ToolCall,
     ToolCallDelta,
     Usage,
-    Warning,
 )
 
 # OpenAI `finish_reason` → normalised reason. Source: reference §1.3.
@@ -84,15 +84,17 @@ def message_to_wire(message: Message) -> dict[str, Any]:
     return wire
 
 
-def chat_warnings(request: ChatRequest) -> tuple[Warning, ...]:
+def chat_warnings(request: ChatRequest) -> tuple[OptionWarning, ...]:
     """Warnings for options the Chat Completions API has no field for (dropped by `chat_params`,
     never reinterpreted)."""
     gen = request.generation
-    warnings: list[Warning] = []
+    warnings: list[OptionWarning] = []
     if gen.top_k is not None:
-        warnings.append(Warning("OPTION_DROPPED", "generation.top_k", "the OpenAI Chat Completions API has no top_k"))
+        warnings.append(
+            OptionWarning("OPTION_DROPPED", "generation.top_k", "the OpenAI Chat Completions API has no top_k")
+        )
     if gen.parallel_tool_calls is not None and not request.tools:
-        warnings.append(Warning("OPTION_DROPPED", "generation.parallel_tool_calls", "no tools in the request"))
+        warnings.append(OptionWarning("OPTION_DROPPED", "generation.parallel_tool_calls", "no tools in the request"))
     return tuple(warnings)
 
 

@@ -10,9 +10,9 @@ and about 25 µs per streamed chunk against 40 µs. "httpx" is the SDK default
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any, Literal
+from typing import Any
 
-HttpClientKind = Literal["aiohttp", "httpx"]
+from .base import HttpClientKind
 
 
 def sdk_http_client(sdk: ModuleType, limits_type: type, kind: HttpClientKind, max_connections: int) -> Any:

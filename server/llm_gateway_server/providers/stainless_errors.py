@@ -88,7 +88,7 @@ class SdkCalls:
     mapping module, whose `error_fields` reads the SDK's error bodies)."""
 
     name: str
-    _sdk: ClassVar[ModuleType]
+    _sdk: ModuleType
     _wire: ClassVar[ModuleType]
 
     async def _call(self, model: str, timeout_s: float, make: Callable[[], Awaitable[Any]]) -> Any:

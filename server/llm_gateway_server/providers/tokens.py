@@ -3,25 +3,22 @@
 * OpenAI-family models: the model's BPE encoding from `bpe-openai` (ships cl100k_base and
   o200k_base offline and matches tiktoken), plus the chat framing of OpenAI's cookbook "How to
   count tokens with tiktoken" (3 tokens per message, 1 per name, 3 to prime the reply).
-* Anything else: an estimate of 4 characters per token plus 4 tokens of framing per message —
-  OpenAI's rule of thumb ("one token ≈ 4 characters of English", help.openai.com, "What are
-  tokens"), marked as an estimate.
+* Anything else: the estimate of `estimates` (4 characters per token plus framing), marked as an
+  estimate.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import bpe_openai
 
-from ..domain import ChatRequest, Message, TokenCount, TokenCountMethod
+from ..domain import ChatRequest, TokenCount, TokenCountMethod
+from ..estimates import estimate_input_tokens
 
-CHARS_PER_TOKEN = 4
-TOKENS_PER_MESSAGE = 4
 # OpenAI cookbook framing for chat models since gpt-3.5-turbo-0613.
 _OPENAI_TOKENS_PER_MESSAGE = 3
 _OPENAI_TOKENS_PER_NAME = 1
@@ -46,19 +43,8 @@ _ENCODING_BY_PREFIX = (
 )
 
 
-def estimate_tokens(text_length: int) -> int:
-    """Estimated tokens for `text_length` characters."""
-    return (text_length + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN
-
-
 def _tools_text(request: ChatRequest) -> str:
     return "".join(t.name + t.description + json.dumps(dict(t.parameters or {})) for t in request.tools)
-
-
-def estimate_input_tokens(messages: Iterable[Message], extra_text: str = "") -> int:
-    """Estimated input tokens of a conversation (text only; images not counted)."""
-    total = sum(estimate_tokens(len(m.text)) + TOKENS_PER_MESSAGE for m in messages)
-    return total + estimate_tokens(len(extra_text))
 
 
 def openai_encoding_name(model: str) -> str | None:

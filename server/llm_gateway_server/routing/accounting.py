@@ -1,7 +1,7 @@
 """Usage estimates and cost from catalog prices.
 
 When a provider reports no token counts (some OpenAI-compatible servers do not send usage in
-streams), counts are estimated with `providers.tokens` (4 characters per token plus framing) and
+streams), counts are estimated with `estimates` (4 characters per token plus framing) and
 marked `estimated`.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from ..domain import Cost, Message, Pricing, Usage
-from ..providers.tokens import estimate_input_tokens, estimate_tokens
+from ..estimates import estimate_input_tokens, estimate_tokens
 
 
 def usage_or_estimate(reported: Usage | None, messages: Iterable[Message], output_chars: int) -> Usage:

@@ -18,7 +18,7 @@ from ..config import AliasSettings, DeploymentSettings
 from ..domain import ModelInfo, RoutingStrategy
 from ..errors import FieldViolation, invalid_request, model_not_found, provider_not_configured
 from ..providers.base import Provider
-from ..providers.registry import CONFIGURE_HINTS, ProviderRegistry
+from ..providers.registry import ProviderRegistry, configure_hint
 from .catalog import Catalog
 
 
@@ -81,7 +81,7 @@ class Resolver:
         )
         if not deployments:
             first = alias.deployments[0].provider
-            raise provider_not_configured(first, model, CONFIGURE_HINTS.get(first, "add it to `providers:`"))
+            raise provider_not_configured(first, model, configure_hint(first))
         fallbacks: tuple[str, ...] = tuple(alias.fallback_models)
         if not fallbacks and equivalents and deployments[0].info:
             fallbacks = self._catalog.equivalents(deployments[0].info)
@@ -119,9 +119,7 @@ class Resolver:
         if info is not None and (not provider_hint or info.provider == provider_hint):
             provider = self._registry.get(info.provider)
             if provider is None:
-                raise provider_not_configured(
-                    info.provider, model, CONFIGURE_HINTS.get(info.provider, "add it to `providers:`")
-                )
+                raise provider_not_configured(info.provider, model, configure_hint(info.provider))
             return Deployment(provider, info.provider_model, info)
         prefix, _, rest = model.partition("/")
         if rest and self._registry.get(prefix) is not None and (not provider_hint or prefix == provider_hint):

@@ -26,7 +26,6 @@ from ..domain import (
     Message,
     ProviderChatResult,
     ProviderEmbedResult,
-    ProviderStreamEnd,
     ProviderStreamEvent,
     Role,
     RoutingOptions,
@@ -36,16 +35,15 @@ from ..domain import (
     Usage,
 )
 from ..errors import GatewayError, capability_not_supported, deadline_exceeded
-from ..providers.tokens import estimate_input_tokens, estimate_tokens
+from ..estimates import estimate_input_tokens, estimate_tokens
 from .accounting import cost_of, usage_or_estimate
-from .attempts import Executor
-from .calls import CallContext, ToolCallAssembler
 from .catalog import Catalog
-from .idle import IdleTimeout
+from .context import CallContext
+from .deployment_state import DeploymentStates
+from .executor import Executor
 from .resolver import Deployment, Resolver
 from .strategies import order
-
-__all__ = ["CallContext", "Router", "ToolCallAssembler"]
+from .tool_calls import ToolCallAssembler
 
 Check = Callable[[Deployment], GatewayError | None]
 
@@ -69,6 +67,7 @@ class Router:
         catalog: the model catalog (prices, capabilities, equivalents).
         resolver: model names and aliases → deployments.
         executor: runs attempts (breakers, retries, timeouts).
+        states: live deployment state, read by the strategies (latency, calls in flight).
         fallback_to_equivalents: whether catalog equivalents are default fallbacks.
         rng: randomness for the weighted strategy (seedable in tests).
     """
@@ -78,6 +77,7 @@ class Router:
         catalog: Catalog,
         resolver: Resolver,
         executor: Executor,
+        states: DeploymentStates,
         *,
         fallback_to_equivalents: bool = True,
         rng: random.Random | None = None,
@@ -85,6 +85,7 @@ class Router:
         self._catalog = catalog
         self._resolver = resolver
         self._executor = executor
+        self._states = states
         self._equivalents = fallback_to_equivalents
         self._rng = rng or random.Random()
 
@@ -104,7 +105,9 @@ class Router:
                 return None
             for capability, what in needs:
                 if capability not in deployment.info.capabilities:
-                    return capability_not_supported(request.model, what, self._alternatives(capability))
+                    return capability_not_supported(
+                        request.model, what, self._alternatives(capability), provider=deployment.provider.name
+                    )
             return None
 
         return check
@@ -115,7 +118,9 @@ class Router:
             if not deployment.provider.supports_embeddings or (
                 info is not None and Capability.EMBEDDINGS not in info.capabilities
             ):
-                return capability_not_supported(model, "embeddings", self._alternatives(Capability.EMBEDDINGS))
+                return capability_not_supported(
+                    model, "embeddings", self._alternatives(Capability.EMBEDDINGS), provider=deployment.provider.name
+                )
             return None
 
         return check
@@ -131,7 +136,7 @@ class Router:
             error = check(group.deployments[0])
             assert error is not None
             raise error
-        plan = order(own, strategy or RoutingStrategy.PRIORITY, self._executor.states, self._rng)
+        plan = order(own, strategy or RoutingStrategy.PRIORITY, self._states, self._rng)
         if not routing.fallback:
             return plan
         seen = {d.key for d in plan}
@@ -141,9 +146,7 @@ class Router:
             except GatewayError:
                 continue  # an unknown or unconfigured fallback model is not an error of this call
             candidates = [d for d in fallback.deployments if d.key not in seen and check(d) is None]
-            for deployment in order(
-                candidates, fallback.strategy or RoutingStrategy.PRIORITY, self._executor.states, self._rng
-            ):
+            for deployment in order(candidates, fallback.strategy or RoutingStrategy.PRIORITY, self._states, self._rng):
                 seen.add(deployment.key)
                 plan.append(deployment)
         return plan
@@ -175,9 +178,12 @@ class Router:
         def call(deployment: Deployment, timeout_s: float) -> Awaitable[ProviderChatResult]:
             return deployment.provider.chat(self._prepared(request, deployment), deployment.provider_model, timeout_s)
 
-        result, deployment, log = await self._executor.run(plan, ctx, self._token_estimate(request), call)
+        done = await self._executor.run(plan, ctx, self._token_estimate(request), call)
+        result, deployment = done.result, done.deployment
         output_chars = len(result.text) + sum(len(c.arguments) for c in result.tool_calls)
         usage = usage_or_estimate(result.usage, request.messages, output_chars)
+        cost = cost_of(usage, deployment.info.pricing if deployment.info else None)
+        ctx.outcome.succeed(result.model, usage, cost, done.attempts)
         return ChatResponse(
             id=ctx.request_id,
             model=result.model,
@@ -190,18 +196,18 @@ class Router:
             finish_reason=result.finish_reason,
             provider_finish_reason=result.provider_finish_reason,
             usage=usage,
-            cost=cost_of(usage, deployment.info.pricing if deployment.info else None),
-            attempts=tuple(log.attempts),
-            warnings=deployment.provider.plan_chat(request),
+            cost=cost,
+            attempts=done.attempts,
+            warnings=deployment.provider.chat_warnings(request),
             provider_response_id=result.response_id,
         )
 
     async def chat_stream(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[ChatStreamEvent]:
         """Runs a streamed chat: `ChatStreamDelta` events, then exactly one `ChatStreamFinal`.
 
-        Retries and fallbacks happen until the first upstream event; after content reached the
-        client, a failure (or a stall longer than the idle timeout) raises GatewayError with code
-        UNAVAILABLE and `chunks_sent` metadata. A stream never ends quietly without its final event.
+        Retries and fallbacks happen until the first upstream event (`Executor.stream`); after
+        that the committed stream raises GatewayError on failure (UNAVAILABLE once content was
+        sent, with `chunks_sent` metadata). A stream never ends quietly without its final event.
         """
         plan = self._plan(request.model, request.routing, self._chat_check(request))
 
@@ -209,74 +215,38 @@ class Router:
             prepared = self._prepared(request, deployment)
             return deployment.provider.chat_stream(prepared, deployment.provider_model, timeout_s)
 
-        stream, log = await self._executor.open_stream(plan, ctx, self._token_estimate(request), start)
+        stream = await self._executor.stream(plan, ctx, self._token_estimate(request), start)
         deployment = stream.deployment
-        state = self._executor.states.get(deployment)
-        state.in_flight += 1
+        model, provider = deployment.provider_model, deployment.provider.name
         assembler = ToolCallAssembler()
-        chunks_sent = 0
         output_chars = 0
-        end: ProviderStreamEnd | None = None
-        event = stream.first
-        idle = IdleTimeout(self._executor.settings.stream_idle_timeout_s, ctx.deadline)
         try:
-            while True:
+            async for event in stream:
                 if isinstance(event, ChatDelta):
                     if event.tool_calls:
                         assembler.add(event.tool_calls)
-                    output_chars += len(event.text) + sum(len(f.arguments) for f in event.tool_calls)
-                    chunks_sent += 1
-                    yield ChatStreamDelta(
-                        model=deployment.provider_model, provider=deployment.provider.name, delta=event
-                    )
-                else:
-                    end = event
-                    break
-                try:
-                    event = await self._executor.next_event(ctx, deployment, stream.rest, idle)
-                except StopAsyncIteration:
-                    break
-        except GatewayError as error:
-            self._executor.stream_failed(stream, error, log)
-            if chunks_sent and error.code != "DEADLINE_EXCEEDED":
-                error.code = "UNAVAILABLE"  # content already reached the client: the call cannot be retried
-            raise error.with_metadata(
-                provider=deployment.provider.name,
-                model=deployment.provider_model,
-                chunks_sent=str(chunks_sent),
-                attempts=log.summary(),
-            ) from None
+                        output_chars += sum(len(f.arguments) for f in event.tool_calls)
+                    output_chars += len(event.text)
+                    yield ChatStreamDelta(model=model, provider=provider, delta=event)
+                    continue
+                usage = usage_or_estimate(event.usage, request.messages, output_chars)
+                cost = cost_of(usage, deployment.info.pricing if deployment.info else None)
+                attempts = stream.attempts
+                ctx.outcome.succeed(event.model, usage, cost, attempts)
+                yield ChatStreamFinal(
+                    model=event.model,
+                    provider=provider,
+                    finish_reason=event.finish_reason,
+                    provider_finish_reason=event.provider_finish_reason,
+                    usage=usage,
+                    cost=cost,
+                    tool_calls=assembler.calls(ctx.request_id),
+                    attempts=attempts,
+                    warnings=deployment.provider.chat_warnings(request),
+                    provider_response_id=event.response_id,
+                )
         finally:
-            idle.close()
-            state.in_flight -= 1
-            await stream.rest.aclose()  # type: ignore[attr-defined]
-        if end is None:  # adapters raise instead; this guards the contract
-            truncated = GatewayError(
-                "UNAVAILABLE",
-                "PROVIDER_BAD_RESPONSE",
-                f"provider {deployment.provider.name!r} stream ended without a final event",
-                metadata={
-                    "provider": deployment.provider.name,
-                    "model": deployment.provider_model,
-                    "chunks_sent": str(chunks_sent),
-                },
-            )
-            self._executor.stream_failed(stream, truncated, log)
-            raise truncated
-        self._executor.succeeded(deployment, stream.started, log, stream.ttft_ms)
-        usage = usage_or_estimate(end.usage, request.messages, output_chars)
-        yield ChatStreamFinal(
-            model=end.model,
-            provider=deployment.provider.name,
-            finish_reason=end.finish_reason,
-            provider_finish_reason=end.provider_finish_reason,
-            usage=usage,
-            cost=cost_of(usage, deployment.info.pricing if deployment.info else None),
-            tool_calls=assembler.calls(ctx.request_id),
-            attempts=tuple(log.attempts),
-            warnings=deployment.provider.plan_chat(request),
-            provider_response_id=end.response_id,
-        )
+            await stream.aclose()
 
     async def embed(self, request: EmbedRequest, ctx: CallContext) -> EmbedResponse:
         """Embeds the request's inputs along its plan.
@@ -291,20 +261,23 @@ class Router:
         def call(deployment: Deployment, timeout_s: float) -> Awaitable[ProviderEmbedResult]:
             return deployment.provider.embed(deployment.provider_model, request.inputs, request.dimensions, timeout_s)
 
-        result, deployment, log = await self._executor.run(plan, ctx, tokens, call)
+        done = await self._executor.run(plan, ctx, tokens, call)
+        result, deployment = done.result, done.deployment
         usage = (
             result.usage
             if result.usage is not None and result.usage.input_tokens
             else Usage(input_tokens=tokens, estimated=True)
         )
+        cost = cost_of(usage, deployment.info.pricing if deployment.info else None)
+        ctx.outcome.succeed(result.model, usage, cost, done.attempts)
         return EmbedResponse(
             id=ctx.request_id,
             model=result.model,
             provider=deployment.provider.name,
             vectors=result.vectors,
             usage=usage,
-            cost=cost_of(usage, deployment.info.pricing if deployment.info else None),
-            attempts=tuple(log.attempts),
+            cost=cost,
+            attempts=done.attempts,
         )
 
     async def count_tokens(self, request: ChatRequest, ctx: CallContext) -> TokenCount:
@@ -315,8 +288,11 @@ class Router:
             GatewayError: resolution, provider and deadline failures.
         """
         deployment = self._resolver.resolve_group(request.model, request.routing.provider, False).deployments[0]
+        ctx.outcome.resolve(deployment.provider.name, deployment.provider_model)
         remaining = ctx.deadline - asyncio.get_running_loop().time()
         if remaining <= 0:
             raise deadline_exceeded(deployment.provider.name, deployment.provider_model, 0.0)
         call = deployment.provider.count_tokens(request, deployment.provider_model, remaining)
-        return await self._executor.bounded(ctx, deployment, call, remaining)
+        count = await self._executor.bounded(ctx, deployment, call, remaining)
+        ctx.outcome.completed = True
+        return count

@@ -10,8 +10,8 @@ import random
 from collections.abc import Callable, Sequence
 
 from ..domain import RoutingStrategy
+from .deployment_state import DeploymentStates
 from .resolver import Deployment
-from .state import DeploymentStates
 
 
 def _priority(deployments: Sequence[Deployment], states: DeploymentStates, rng: random.Random) -> list[Deployment]:

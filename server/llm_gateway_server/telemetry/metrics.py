@@ -47,11 +47,16 @@ class Metrics:
         )
         self.tokens = Counter(
             "llm_gateway_tokens_total",
-            "Tokens by direction (input/output)",
+            "Tokens spent at providers by direction (input/output); cache hits spend none",
             ["direction", "model", "provider"],
             registry=r,
         )
-        self.cost = Counter("llm_gateway_cost_usd_total", "Estimated cost in USD", ["model", "provider"], registry=r)
+        self.cost = Counter(
+            "llm_gateway_cost_usd_total",
+            "Estimated cost in USD at catalog prices (cache hits cost nothing)",
+            ["model", "provider"],
+            registry=r,
+        )
         self.cache = Counter(
             "llm_gateway_cache_requests_total",
             "Cache lookups by result (hit/miss/bypass/error)",

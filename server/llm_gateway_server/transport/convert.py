@@ -44,13 +44,6 @@ _STRATEGIES = {
     pb.ROUTING_STRATEGY_LOWEST_COST: d.RoutingStrategy.LOWEST_COST,
     pb.ROUTING_STRATEGY_LEAST_BUSY: d.RoutingStrategy.LEAST_BUSY,
 }
-_CACHE_MODES = {
-    pb.CACHE_MODE_UNSPECIFIED: d.CacheMode.DEFAULT,
-    pb.CACHE_MODE_DEFAULT: d.CacheMode.DEFAULT,
-    pb.CACHE_MODE_BYPASS: d.CacheMode.BYPASS,
-    pb.CACHE_MODE_REFRESH: d.CacheMode.REFRESH,
-    pb.CACHE_MODE_READ_ONLY: d.CacheMode.READ_ONLY,
-}
 _FINISH = {
     d.FinishReason.STOP: pb.FINISH_REASON_STOP,
     d.FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
@@ -145,13 +138,6 @@ def _routing(routing: pb.RoutingOptions) -> d.RoutingOptions:
     )
 
 
-def _cache(cache: pb.CacheOptions) -> d.CacheOptions:
-    return d.CacheOptions(
-        mode=_CACHE_MODES.get(cache.mode, d.CacheMode.DEFAULT),
-        ttl_seconds=cache.ttl_seconds if cache.HasField("ttl_seconds") else None,
-    )
-
-
 def chat_request_in(request: pb.ChatRequest | pb.ChatStreamRequest) -> d.ChatRequest:
     """Proto ChatRequest / ChatStreamRequest → domain ChatRequest."""
     choice = None
@@ -175,9 +161,7 @@ def chat_request_in(request: pb.ChatRequest | pb.ChatStreamRequest) -> d.ChatReq
         tool_choice=choice,
         generation=_generation(request.generation),
         routing=_routing(request.routing),
-        cache=_cache(request.cache),
         end_user_id=request.end_user_id,
-        metadata=dict(request.metadata),
     )
 
 
@@ -224,9 +208,7 @@ def embed_request_in(request: pb.EmbedRequest) -> d.EmbedRequest:
         inputs=tuple(request.inputs),
         dimensions=request.dimensions if request.HasField("dimensions") else None,
         routing=_routing(request.routing),
-        cache=_cache(request.cache),
         end_user_id=request.end_user_id,
-        metadata=dict(request.metadata),
     )
 
 
@@ -265,7 +247,7 @@ def _attempts(attempts: tuple[d.Attempt, ...]) -> list[pb.Attempt]:
     ]
 
 
-def _warnings(warnings: tuple[d.Warning, ...]) -> list[pb.Warning]:
+def _warnings(warnings: tuple[d.OptionWarning, ...]) -> list[pb.Warning]:
     return [pb.Warning(code=w.code, field=w.field, message=w.message) for w in warnings]
 
 
@@ -291,7 +273,6 @@ def chat_response_out(response: d.ChatResponse) -> pb.ChatResponse:
         finish_reason=_FINISH[response.finish_reason],
         usage=usage_out(response.usage),
         cost=cost_out(response.cost),
-        cache=pb.CacheInfo(hit=response.cache.hit, age_ms=response.cache.age_ms),
         attempts=_attempts(response.attempts),
         warnings=_warnings(response.warnings),
         provider_finish_reason=response.provider_finish_reason,
@@ -322,7 +303,6 @@ def stream_event_out(response_id: str, event: d.ChatStreamEvent) -> pb.ChatStrea
         tool_calls=_tool_calls(event.tool_calls),
         attempts=_attempts(event.attempts),
         warnings=_warnings(event.warnings),
-        cache=pb.CacheInfo(hit=event.cache.hit, age_ms=event.cache.age_ms),
         provider_finish_reason=event.provider_finish_reason,
         provider_response_id=event.provider_response_id,
     )
@@ -338,7 +318,6 @@ def embed_response_out(response: d.EmbedResponse) -> pb.EmbedResponse:
         embeddings=[pb.Embedding(index=i, values=v) for i, v in enumerate(response.vectors)],
         usage=usage_out(response.usage),
         cost=cost_out(response.cost),
-        cache=pb.CacheInfo(hit=response.cache.hit, age_ms=response.cache.age_ms),
         attempts=_attempts(response.attempts),
     )
 

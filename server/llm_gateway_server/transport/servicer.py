@@ -11,10 +11,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-import re
-import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 import structlog
@@ -22,24 +20,17 @@ import structlog
 from llm_gateway.v1 import llm_gateway_pb2 as pb
 from llm_gateway.v1 import llm_gateway_pb2_grpc as pb_grpc
 
-from ..errors import GatewayError
-from ..routing.models import ModelDirectory
-from ..routing.router import CallContext, Router
+from ..errors import GatewayError, internal_error
+from ..routing.context import CallContext
+from ..routing.directory import ModelDirectory
+from ..routing.router import Router
 from . import convert, validation
-from .call import current_call
+from .call_record import CallRecord, current_call, request_id_from
 from .coalesce import coalesced
 from .status import abort
 
 log = structlog.get_logger(__name__)
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _request_id(context: grpc.aio.ServicerContext) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-request-id" and isinstance(value, str) and _REQUEST_ID.match(value):
-            return value
-    return uuid.uuid4().hex
 
 
 def _rpc(handler: F) -> F:
@@ -47,20 +38,19 @@ def _rpc(handler: F) -> F:
 
     def begin(self: LLMGatewayServicer, context: grpc.aio.ServicerContext) -> CallContext:
         record = current_call.get()
-        request_id = record.request_id if record is not None else _request_id(context)
+        if record is None:  # served without the observability interceptor (it sets the record)
+            record = CallRecord(request_id_from(context.invocation_metadata()), handler.__name__, context.peer())
+            current_call.set(record)
         remaining = context.time_remaining()
         budget = self.default_deadline_s if remaining is None else min(remaining, self.default_deadline_s)
-        return CallContext(request_id=request_id, deadline=asyncio.get_running_loop().time() + budget)
+        deadline = asyncio.get_running_loop().time() + budget
+        return CallContext(request_id=record.request_id, deadline=deadline, outcome=record.outcome)
 
-    async def fail(context: grpc.aio.ServicerContext, ctx: CallContext, exc: Exception) -> None:
+    async def fail(context: grpc.aio.ServicerContext, ctx: CallContext, exc: Exception) -> NoReturn:
         if isinstance(exc, GatewayError):  # the interceptor's rpc log line carries its details
             await abort(context, exc, ctx.request_id)
         log.error("rpc_bug", method=handler.__name__, request_id=ctx.request_id, exc_info=exc)
-        await abort(
-            context,
-            GatewayError("INTERNAL", "INTERNAL_ERROR", f"internal error; request id {ctx.request_id}"),
-            ctx.request_id,
-        )
+        await abort(context, internal_error(ctx.request_id), ctx.request_id)
 
     if inspect.isasyncgenfunction(handler):
 

@@ -6,20 +6,22 @@ plus `RetryInfo` / `BadRequest` when they apply) and `x-request-id`.
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from ..errors import ERROR_DOMAIN, GatewayError
-from .call import current_call
+from .call_record import current_call
 
 
 def to_status(error: GatewayError, request_id: str) -> grpc.Status:
     """Builds the rich status for `error`; `request_id` goes into ErrorInfo.metadata."""
     details: list[any_pb2.Any] = []
     info = error_details_pb2.ErrorInfo(
-        reason=error.reason, domain=ERROR_DOMAIN, metadata={**error.metadata, "request_id": request_id}
+        reason=error.reason.value, domain=ERROR_DOMAIN, metadata={**error.metadata, "request_id": request_id}
     )
     packed = any_pb2.Any()
     packed.Pack(info)
@@ -49,7 +51,7 @@ def to_status(error: GatewayError, request_id: str) -> grpc.Status:
         packed = any_pb2.Any()
         packed.Pack(bad)
         details.append(packed)
-    status = status_pb2.Status(code=code_pb2.Code.Value(error.code), message=error.message, details=details)
+    status = status_pb2.Status(code=code_pb2.Code.Value(error.code.name), message=error.message, details=details)
     return rpc_status.to_status(status)
 
 
@@ -58,13 +60,13 @@ async def abort(
     error: GatewayError,
     request_id: str,
     extra_trailers: tuple[tuple[str, str], ...] = (),
-) -> None:
+) -> NoReturn:
     """Ends the call with `error` (raises, as `context.abort` does); the outcome is noted on the
-    call record for the logging interceptor."""
+    call record for the interceptors."""
     call = current_call.get()
     if call is not None:
-        call.code, call.reason = error.code, error.reason
-        call.error = error
+        call.outcome.fail(error)
     status = to_status(error, request_id)
     trailers = (*status.trailing_metadata, ("x-request-id", request_id), *extra_trailers)
     await context.abort(status.code, status.details, trailers)
+    raise AssertionError("context.abort returned")  # grpc.aio raises; this keeps the NoReturn promise

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator, Sequence
 from types import TracebackType
-from typing import Any, cast
+from typing import Any, Self, cast
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -82,6 +83,146 @@ def _metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
 
+class ChatStream(Iterator[pb.ChatStreamResponse]):
+    """The events of one blocking `ChatStream` call, returned by `GatewayClient.chat_stream`.
+
+    An iterator (the RPC starts when it is created) that owns the call and cancels it as soon as
+    the consumer is done with it, so the gateway sees the cancellation and closes its upstream
+    request at once:
+
+    - `close()` / `cancel()`, or leaving a `with client.chat_stream(...) as stream:` block (also on
+      an exception in the block);
+    - an exception out of the iteration itself (e.g. `KeyboardInterrupt` while waiting for the next
+      event); gateway errors are raised as `GatewayCallError`;
+    - dropping the last reference: `for event in client.chat_stream(...): break` cancels at once
+      under CPython's reference counting.
+
+    Python tells an iterator nothing when a `for` loop over it ends early, so a stream still
+    referenced after `break` (assigned to a variable) keeps running until it is closed: use the
+    `with` form, or call `close()`. `cancel()` may be called from another thread; the loop that
+    is waiting for the next event then ends quietly, as does any further iteration of a closed
+    stream.
+    """
+
+    def __init__(self, call: Any) -> None:
+        # `call`: the grpc unary-stream call (an iterator of responses with `cancel()`).
+        self._call = call
+        self._closed = False
+
+    def __next__(self) -> pb.ChatStreamResponse:
+        if self._closed:
+            raise StopIteration
+        try:
+            return cast(pb.ChatStreamResponse, next(self._call))
+        except StopIteration:
+            self._closed = True
+            raise
+        except grpc.RpcError as error:
+            if self._closed and error.code() == grpc.StatusCode.CANCELLED:
+                raise StopIteration from None  # cancelled here, by cancel()/close()
+            self._closed = True
+            raise GatewayCallError(error) from None
+        except BaseException:
+            self.cancel()
+            raise
+
+    def cancel(self) -> bool:
+        """Cancels the call; True if it was still running. Iteration stops."""
+        self._closed = True
+        return bool(self._call.cancel())
+
+    def close(self) -> None:
+        """Cancels the call if it is still running (as `cancel()`; the generator-style name)."""
+        self.cancel()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.cancel()
+
+    def __del__(self) -> None:
+        if "_call" in self.__dict__:  # __init__ ran
+            self._call.cancel()
+
+
+class AsyncChatStream(AsyncIterator[pb.ChatStreamResponse]):
+    """The events of one asyncio `ChatStream` call, returned by `AsyncGatewayClient.chat_stream`.
+
+    An async iterator (the RPC starts when it is created, inside the running loop) that owns the
+    call and cancels it as soon as the consumer is done with it, so the gateway sees the
+    cancellation and closes its upstream request at once:
+
+    - `await aclose()` / `cancel()`, or leaving an `async with client.chat_stream(...) as stream:`
+      block (also on an exception in the block); `contextlib.aclosing` works too;
+    - an exception out of the iteration itself (e.g. the consuming task being cancelled while it
+      waits for the next event); gateway errors are raised as `GatewayCallError`;
+    - dropping the last reference: `async for event in client.chat_stream(...): break` cancels at
+      once under CPython's reference counting (no wait for the cyclic garbage collector, unlike an
+      async generator over the grpc call).
+
+    Python tells an async iterator nothing when an `async for` loop over it ends early, so a
+    stream still referenced after `break` keeps running until it is closed: use the `async with`
+    form, or `await stream.aclose()`. `cancel()` from another task ends that task's loop quietly
+    (not with `CancelledError`), as does any further iteration of a closed stream.
+    """
+
+    def __init__(self, call: Any) -> None:
+        # `call`: the grpc.aio unary-stream call (an async iterable of responses with `cancel()`).
+        self._call = call
+        self._events: AsyncIterator[Any] | None = None
+        self._closed = False
+
+    async def __anext__(self) -> pb.ChatStreamResponse:
+        if self._closed:
+            raise StopAsyncIteration
+        if self._events is None:
+            self._events = self._call.__aiter__()
+        try:
+            return cast(pb.ChatStreamResponse, await anext(self._events))
+        except StopAsyncIteration:
+            self._closed = True
+            raise
+        except grpc.RpcError as error:
+            self._closed = True
+            raise GatewayCallError(error) from None
+        except asyncio.CancelledError:
+            # grpc.aio raises CancelledError for a call cancelled locally: when that was our
+            # cancel() (and this task is not itself being cancelled), the stream just ends.
+            task = asyncio.current_task()
+            if self._closed and not (task is not None and task.cancelling()):
+                raise StopAsyncIteration from None
+            self.cancel()
+            raise
+        except BaseException:
+            self.cancel()
+            raise
+
+    def cancel(self) -> bool:
+        """Cancels the call; True if it was still running. Iteration stops."""
+        self._closed = True
+        return bool(self._call.cancel())
+
+    async def aclose(self) -> None:
+        """Cancels the call if it is still running (as `cancel()`; the async-generator name)."""
+        self.cancel()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.cancel()
+
+    def __del__(self) -> None:
+        call = self.__dict__.get("_call")
+        if call is not None and not call.done():  # as grpc.aio's own Call.__del__
+            call.cancel()
+
+
 class GatewayClient:
     """Blocking client. `timeout_s` is the deadline of each call, seconds."""
 
@@ -122,16 +263,22 @@ class GatewayClient:
         except grpc.RpcError as error:
             raise GatewayCallError(error) from None
 
-    def chat_stream(
-        self, model: str, prompt: str | Sequence[pb.Message], **options: Any
-    ) -> Iterator[pb.ChatStreamResponse]:
-        """Streams events; the last one of a successful stream is `final`. Raises GatewayCallError."""
-        try:
-            yield from self._stub.ChatStream(
+    def chat_stream(self, model: str, prompt: str | Sequence[pb.Message], **options: Any) -> ChatStream:
+        """Starts a stream (options as for `build_chat_request`) and returns its events as a
+        `ChatStream`; the last event of a successful stream is `final`. Iterating raises
+        GatewayCallError.
+
+        Leaving early cancels the RPC (so the gateway stops the upstream request) as soon as the
+        stream is closed: `for event in client.chat_stream(...): break` does it at once when
+        nothing else references the stream; a stream kept in a variable is closed by
+        `with client.chat_stream(...) as stream:` (on exit, exceptions included), `stream.close()`
+        or `stream.cancel()` (see `ChatStream`).
+        """
+        return ChatStream(
+            self._stub.ChatStream(
                 build_chat_stream_request(model, prompt, **options), timeout=self._timeout_s, metadata=self._metadata
             )
-        except grpc.RpcError as error:
-            raise GatewayCallError(error) from None
+        )
 
     def embed(self, model: str, inputs: Sequence[str], dimensions: int | None = None) -> pb.EmbedResponse:
         """Embeddings, one vector per input. Raises GatewayCallError."""
@@ -193,15 +340,20 @@ class AsyncGatewayClient:
         except grpc.RpcError as error:
             raise GatewayCallError(error) from None
 
-    async def chat_stream(
-        self, model: str, prompt: str | Sequence[pb.Message], **options: Any
-    ) -> AsyncIterator[pb.ChatStreamResponse]:
-        """Streams events; the last one of a successful stream is `final`. Raises GatewayCallError."""
-        call = self._stub.ChatStream(
-            build_chat_stream_request(model, prompt, **options), timeout=self._timeout_s, metadata=self._metadata
+    def chat_stream(self, model: str, prompt: str | Sequence[pb.Message], **options: Any) -> AsyncChatStream:
+        """Starts a stream (call it inside the running loop) and returns its events as an
+        `AsyncChatStream`; the last event of a successful stream is `final`. Iterating raises
+        GatewayCallError.
+
+        Leaving early cancels the RPC (so the gateway stops the upstream request) as soon as the
+        stream is closed: `async for event in client.chat_stream(...): break` does it at once when
+        nothing else references the stream; a stream kept in a variable is closed by
+        `async with client.chat_stream(...) as stream:` (on exit, exceptions included),
+        `await stream.aclose()` or `stream.cancel()`; a consuming task cancelled mid-stream
+        cancels it too (see `AsyncChatStream`).
+        """
+        return AsyncChatStream(
+            self._stub.ChatStream(
+                build_chat_stream_request(model, prompt, **options), timeout=self._timeout_s, metadata=self._metadata
+            )
         )
-        try:
-            async for event in call:
-                yield event
-        except grpc.RpcError as error:
-            raise GatewayCallError(error) from None

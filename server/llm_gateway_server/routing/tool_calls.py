@@ -1,23 +1,8 @@
-"""Per-call context from the transport, and the assembly of streamed tool-call fragments."""
+"""The assembly of streamed tool-call fragments into complete tool calls."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from ..domain import ToolCall, ToolCallDelta
-
-
-@dataclass(frozen=True, slots=True)
-class CallContext:
-    """Per-call facts from the transport.
-
-    Attributes:
-        request_id: the gateway request id (from `x-request-id` or generated).
-        deadline: absolute event-loop time (`loop.time()`, seconds) by which the call must end.
-    """
-
-    request_id: str
-    deadline: float
 
 
 class ToolCallAssembler:

@@ -1,0 +1,241 @@
+"""The composition root: builds every layer from `Settings` and serves it.
+
+catalog → provider registry → deployment states → executor → resolver → router → model
+directory → servicer; metrics; the interceptor chain (observability → auth → rate limit →
+cache) and its state backends. `transport/server.py` only serves gRPC, health and reflection;
+this module is the one place that knows how the pieces fit and the one that reads the process
+environment (for the providers' standard variables).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import signal
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import grpc
+import structlog
+
+from .config import ConfigError, Settings
+from .interceptors.auth import AuthInterceptor
+from .interceptors.cache import CacheInterceptor
+from .interceptors.observability import ObservabilityInterceptor
+from .interceptors.ratelimit import RateLimitInterceptor
+from .providers.registry import ProviderRegistry, build_registry
+from .routing.catalog import Catalog, load_catalog
+from .routing.deployment_state import DeploymentStates
+from .routing.directory import ModelDirectory
+from .routing.executor import Executor, ExecutorSettings
+from .routing.resolver import Resolver
+from .routing.router import Router
+from .state.base import CacheBackend, RateLimitBackend
+from .state.memory import MemoryCache, MemoryRateLimits
+from .state.redis_backend import RedisCache, RedisRateLimits
+from .telemetry.metrics import BREAKER_STATE_VALUES, Metrics
+from .transport.health import BreakerHealth
+from .transport.server import GrpcServer, start_grpc
+from .transport.servicer import LLMGatewayServicer
+
+log = structlog.get_logger(__name__)
+_LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+@dataclass
+class Application:
+    """Everything the server serves, built from settings (see `build_application`)."""
+
+    catalog: Catalog
+    registry: ProviderRegistry
+    states: DeploymentStates
+    servicer: LLMGatewayServicer
+    interceptors: list[grpc.aio.ServerInterceptor]
+    backends: tuple[RateLimitBackend | CacheBackend, ...]
+    metrics: Metrics | None
+
+    async def aclose(self) -> None:
+        """Closes provider connection pools, state backends and the metrics server."""
+        await self.registry.aclose()
+        for backend in self.backends:
+            await backend.aclose()
+        if self.metrics is not None:
+            self.metrics.stop()
+
+
+def _has_limits(settings: Settings) -> bool:
+    limits = settings.rate_limits
+    defaults = (limits.default_rpm, limits.default_tpm, limits.default_max_concurrent_streams)
+    return any(v is not None for v in defaults) or any(
+        k.rpm or k.tpm or k.max_concurrent_streams for k in settings.auth.keys
+    )
+
+
+def _auth(settings: Settings) -> AuthInterceptor | None:
+    """The auth interceptor, or None when the gateway serves without keys.
+
+    Raises:
+        ConfigError: no API keys, auth not disabled, and a non-loopback bind address.
+    """
+    auth = settings.auth
+    if auth.keys and not auth.disabled:
+        log.info("auth", mode="api_keys", keys=len(auth.keys))
+        return AuthInterceptor(auth.keys)
+    if auth.disabled:
+        log.warning("auth", mode="disabled", note="auth.disabled is set: every client is anonymous")
+    elif settings.host not in _LOOPBACK:
+        raise ConfigError(
+            f"no API keys configured (auth.keys): refusing to serve on {settings.host}; configure keys, "
+            "bind a loopback address, or set auth.disabled: true"
+        )
+    else:
+        log.info("auth", mode="loopback_only", note="no API keys configured: serving on loopback only")
+    return None
+
+
+def _interceptors(
+    settings: Settings, auth: AuthInterceptor | None, metrics: Metrics | None
+) -> tuple[list[grpc.aio.ServerInterceptor], list[RateLimitBackend | CacheBackend]]:
+    """The chain, outermost first (observability → auth → rate limit → cache), and its backends."""
+    chain: list[grpc.aio.ServerInterceptor] = [ObservabilityInterceptor(metrics, settings.log_content)]
+    backends: list[RateLimitBackend | CacheBackend] = []
+    if auth is not None:
+        chain.append(auth)
+    has_limits = _has_limits(settings)
+    if has_limits:
+        rate_backend: RateLimitBackend = (
+            RedisRateLimits(settings.redis_url, settings.redis_timeout_s) if settings.redis_url else MemoryRateLimits()
+        )
+        backends.append(rate_backend)
+        stream_max_age_s = settings.default_deadline_s + settings.grace_period_s
+        chain.append(
+            RateLimitInterceptor(rate_backend, settings.rate_limits, settings.auth.keys, metrics, stream_max_age_s)
+        )
+    if settings.cache.enabled:
+        cache_backend: CacheBackend = (
+            RedisCache(settings.redis_url, settings.redis_timeout_s)
+            if settings.redis_url
+            else MemoryCache(settings.cache.max_entries, settings.cache.max_bytes)
+        )
+        backends.append(cache_backend)
+        chain.append(CacheInterceptor(cache_backend, settings.cache, metrics))
+    log.info(
+        "state",
+        backend="redis" if settings.redis_url else "memory",
+        rate_limits=has_limits,
+        cache=settings.cache.enabled,
+    )
+    return chain, backends
+
+
+def build_application(settings: Settings, environ: Mapping[str, str]) -> Application:
+    """Builds every layer from `settings`; `environ` supplies the providers' API key variables.
+
+    Raises:
+        ConfigError: a provider is misconfigured, or auth is required and missing.
+    """
+    auth = _auth(settings)
+    catalog = load_catalog(settings.models)
+    registry = build_registry(settings.providers, environ)
+    states = DeploymentStates(settings.breaker)
+    executor = Executor(
+        states,
+        ExecutorSettings(
+            settings.retry, settings.attempt_timeout_s, settings.stream_idle_timeout_s, settings.breaker.cooldown_s
+        ),
+    )
+    resolver = Resolver(catalog, registry, settings.aliases)
+    router = Router(catalog, resolver, executor, states, fallback_to_equivalents=settings.fallback_to_equivalents)
+    directory = ModelDirectory(catalog, registry, ttl_s=settings.models_list_ttl_s, states=states)
+    servicer = LLMGatewayServicer(router, directory, settings.default_deadline_s, settings.stream_coalescing)
+    metrics = Metrics() if settings.metrics_port else None
+    if metrics is not None:
+        gauge = metrics.breaker
+        states.subscribe(lambda d, state: gauge.labels(d.key).set(BREAKER_STATE_VALUES[state.value]))
+    chain, backends = _interceptors(settings, auth, metrics)
+    return Application(catalog, registry, states, servicer, chain, tuple(backends), metrics)
+
+
+@dataclass
+class RunningServer:
+    """A serving gateway: the gRPC server and the application behind it."""
+
+    grpc_server: GrpcServer
+    application: Application
+
+    @property
+    def port(self) -> int:
+        """The bound gRPC port."""
+        return self.grpc_server.port
+
+    @property
+    def metrics(self) -> Metrics | None:
+        """The metrics (None when `metrics_port` is 0)."""
+        return self.application.metrics
+
+    async def wait_for_termination(self) -> None:
+        """Returns when the gRPC server has stopped."""
+        await self.grpc_server.server.wait_for_termination()
+
+    async def stop(self) -> None:
+        """Drains the gRPC server (see `GrpcServer.stop`), then closes the application."""
+        await self.grpc_server.stop()
+        await self.application.aclose()
+
+
+async def start_server(settings: Settings, environ: Mapping[str, str] | None = None) -> RunningServer:
+    """Builds the application and serves it on `settings.host:settings.port`.
+
+    Args:
+        environ: the environment for provider keys (default: `os.environ`).
+    Raises:
+        ConfigError: a provider is misconfigured, or auth is required and missing.
+        BindError: the address cannot be bound.
+    """
+    application = build_application(settings, dict(os.environ if environ is None else environ))
+    try:
+        grpc_server = await start_grpc(
+            application.servicer,
+            application.interceptors,
+            host=settings.host,
+            port=settings.port,
+            max_message_bytes=settings.max_message_bytes,
+            reuse_port=settings.reuse_port,
+            grace_period_s=settings.grace_period_s,
+            health_names=[f"provider/{p}" for p in application.registry.names()],
+        )
+    except BaseException:
+        await application.aclose()
+        raise
+    if application.metrics is not None:
+        application.metrics.serve(settings.metrics_host, settings.metrics_port)
+    application.states.subscribe(BreakerHealth(grpc_server.health, application.registry.names()).on_change)
+    log.info(
+        "server_started",
+        address=f"{settings.host}:{grpc_server.port}",
+        providers=list(application.registry.names()),
+        catalog_models=len(application.catalog.all()),
+        metrics=f"http://{settings.metrics_host}:{settings.metrics_port}/metrics" if application.metrics else "off",
+    )
+    return RunningServer(grpc_server, application)
+
+
+async def serve(settings: Settings) -> None:
+    """Runs until SIGTERM/SIGINT, then drains (see `RunningServer.stop`)."""
+    running = await start_server(settings)
+    # Everything loaded so far (SDKs, pydantic models, the catalog) lives as long as the process:
+    # moved out of the collector's reach, full collections stay short (bench/NOTES.md).
+    gc.freeze()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    server_done = asyncio.ensure_future(running.wait_for_termination())
+    stop_requested = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({server_done, stop_requested}, return_when=asyncio.FIRST_COMPLETED)
+    log.info("server_draining", grace_period_s=settings.grace_period_s)
+    await running.stop()
+    stop_requested.cancel()
+    await server_done
+    log.info("server_stopped")

@@ -1,0 +1,1 @@
+"""Unit tests of pure modules: no gRPC server, no HTTP, no emulators."""
