@@ -252,3 +252,29 @@ async def test_missing_keys_fail_at_start(make_gateway: GatewayFactory) -> None:
 
     with pytest.raises(ConfigError, match="no API key"):
         await make_gateway({}, providers=[{"name": "anthropic", "kind": "anthropic", "api_key_env": "NOPE"}])
+
+
+@pytest.mark.parametrize("suffix", ["", "/", "/v1", "/v1/"])
+async def test_anthropic_base_url_with_or_without_v1(
+    make_gateway: GatewayFactory, anthropic_upstream: AnthropicEmulator, suffix: str
+) -> None:
+    """`ANTHROPIC_BASE_URL=https://host/v1` is a common mistake (the SDK adds `/v1` itself): it
+    used to make every call NOT_FOUND "POST /v1/v1/messages"; both forms are accepted."""
+    gateway = await make_gateway(
+        {"ANTHROPIC_API_KEY": "sk-ant-secret-123456789", "ANTHROPIC_BASE_URL": anthropic_upstream.base_url + suffix}
+    )
+    reply = await gateway.stub.Chat(chat("claude-haiku-4-5"))
+    assert reply.provider == "anthropic"
+    assert anthropic_upstream.requests[-1].path == "/v1/messages"
+
+
+@pytest.mark.parametrize("suffix", ["", "/openai/v1"])
+async def test_groq_base_url_with_or_without_api_prefix(
+    make_gateway: GatewayFactory, groq_upstream: GroqEmulator, suffix: str
+) -> None:
+    gateway = await make_gateway(
+        {"GROQ_API_KEY": "gsk_secret123456789", "GROQ_BASE_URL": groq_upstream.base_url + suffix}
+    )
+    reply = await gateway.stub.Chat(chat("llama-3.1-8b-instant"))
+    assert reply.provider == "groq"
+    assert groq_upstream.requests[-1].path == "/openai/v1/chat/completions"

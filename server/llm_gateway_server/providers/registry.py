@@ -25,6 +25,11 @@ def register(spec: ProviderSpec) -> None:
     _SPECS[spec.kind] = spec
 
 
+def unregister(kind: str) -> None:
+    """Removes a provider kind added with `register` (no-op when unknown)."""
+    _SPECS.pop(kind, None)
+
+
 def specs() -> Mapping[str, ProviderSpec]:
     """Every known provider kind, the built-in adapter modules' declarations first (imported on
     the first call; SDKs that are slow to import are imported by their adapters only when one is
@@ -63,7 +68,8 @@ def environment_providers(environ: Mapping[str, str]) -> list[ProviderSettings]:
 
 
 def provider_config(settings: ProviderSettings, environ: Mapping[str, str]) -> ProviderConfig:
-    """The adapter config of one provider setting: key resolved, base URL normalised, passthrough
+    """The adapter config of one provider setting: key resolved (`api_key`, else the variable
+    named by `api_key_env`, else the kind's standard variable), base URL normalised, passthrough
     defaulted from its kind.
 
     Raises:
@@ -76,7 +82,11 @@ def provider_config(settings: ProviderSettings, environ: Mapping[str, str]) -> P
     passthrough = (
         settings.passthrough if settings.passthrough is not None else (spec.passthrough_with_custom_base_url and custom)
     )
-    key = settings.resolved_api_key(environ) if spec.key != "unused" else None
+    key = None
+    if spec.key != "unused":
+        key = settings.resolved_api_key(environ)
+        if key is None and settings.api_key is None and settings.api_key_env is None and spec.api_key_env:
+            key = environ.get(spec.api_key_env) or None  # as the SDK itself would read it
     if key is None and (spec.key == "required" or (spec.key == "optional_with_base_url" and not custom)):
         where = settings.api_key_env or spec.api_key_env or "api_key"
         extra = "; only a custom base_url may run without one" if spec.key == "optional_with_base_url" else ""
