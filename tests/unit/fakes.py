@@ -17,6 +17,7 @@ exactly as `app.build_application` does.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -262,6 +263,7 @@ class FakeProvider(Provider):
 # --- catalog entries -----------------------------------------------------------------------------
 
 CHAT = [Capability.CHAT, Capability.STREAMING]
+EMBED = [Capability.EMBEDDINGS]
 
 
 def model(
@@ -289,23 +291,28 @@ def model(
     )
 
 
-# The default fake catalog: "alpha" on fake-a and "beta" on fake-b are equivalents.
+# The default fake catalog: "alpha" on fake-a and "beta" on fake-b are equivalents (as are the two
+# embedding models); "gamma" on fake-c has none; only the *-vision models take images.
 DEFAULT_MODELS = (
     model("alpha", "fake-a", "alpha-v1", price=(1.0, 2.0), group="fake-eq", max_output_tokens=777),
     model("beta", "fake-b", "beta-v1", price=(0.5, 1.0), group="fake-eq"),
     model("gamma", "fake-c", "gamma-v1", price=(4.0, 8.0)),
     model("alpha-vision", "fake-a", "alpha-vision-v1", capabilities=(*CHAT, Capability.VISION)),
     model("beta-vision", "fake-b", "beta-vision-v1", capabilities=(*CHAT, Capability.VISION)),
-    model("alpha-embed", "fake-a", "alpha-embed-v1", capabilities=(Capability.EMBEDDINGS,), price=(0.1, 0.0)),
-    model("beta-embed", "fake-b", "beta-embed-v1", capabilities=(Capability.EMBEDDINGS,), price=(0.2, 0.0)),
+    model("alpha-embed", "fake-a", "alpha-embed-v1", capabilities=EMBED, price=(0.1, 0.0), group="fake-emb"),
+    model("beta-embed", "fake-b", "beta-embed-v1", capabilities=EMBED, price=(0.2, 0.0), group="fake-emb"),
 )
 
 
-def alias(name: str, *deployments: DeploymentSettings, strategy: str = "priority", fallbacks: Sequence[str] = ()):
+def alias(
+    name: str, *deployments: DeploymentSettings, strategy: str = "priority", fallbacks: Sequence[str] = ()
+) -> AliasSettings:
+    """An alias over `deployments` (see `dep`)."""
     return AliasSettings(name=name, deployments=list(deployments), strategy=strategy, fallback_models=list(fallbacks))  # type: ignore[arg-type]
 
 
 def dep(provider: str, model_id: str, **kw: Any) -> DeploymentSettings:
+    """One alias deployment (kw: weight, priority, rpm, tpm)."""
     return DeploymentSettings(provider=provider, model=model_id, **kw)
 
 
@@ -358,6 +365,13 @@ class World:
         return self.states.get(self.deployment(model_name, provider_hint)).in_flight
 
 
+@functools.cache
+def _catalog(models_json: tuple[str, ...]) -> Catalog:
+    """`load_catalog` once per distinct model list (the catalog is immutable; parsing the built-in
+    data file for every test would dominate the suite's run time)."""
+    return load_catalog([ModelSettings.model_validate_json(m) for m in models_json])
+
+
 def build_world(
     *,
     providers: Sequence[FakeProvider | str] = ("fake-a", "fake-b", "fake-c"),
@@ -372,7 +386,7 @@ def build_world(
 ) -> World:
     """Wires the data plane as `app.build_application` does, over fake providers."""
     fakes = {p.name: p for p in (FakeProvider(p) if isinstance(p, str) else p for p in providers)}
-    catalog = load_catalog(models)
+    catalog = _catalog(tuple(m.model_dump_json() for m in models))
     registry = ProviderRegistry(fakes)
     resolver = Resolver(catalog, registry, aliases)
     clock = FakeClock()
