@@ -326,11 +326,6 @@ def test_chat_params_end_user(end_user_id: str, extras: dict[str, Any]) -> None:
             Tool("f", parameters={"type": "object"}, strict=True),
             {"name": "f", "description": "", "input_schema": {"type": "object"}, "strict": True},
             id="strict",
-            marks=pytest.mark.xfail(
-                reason="Tool.strict is dropped silently; the Messages API tools[] takes `strict` (reference §3.2, "
-                "anthropic.types.ToolParam)",
-                strict=True,
-            ),
         ),
     ],
 )

@@ -341,12 +341,7 @@ async def test_deployment_limits_on_every_deployment_is_circuit_open() -> None:
     assert world["fake-a"].calls == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Executor._admit takes the half-open breaker's trial slot (try_acquire) before the "
-    "per-deployment limit check; a limit skip never records an outcome, so the slot is never given "
-    "back and the breaker stays half-open, refusing every call, forever",
-)
+# Found by this test, fixed since: it was a strict xfail.
 async def test_half_open_trial_slot_is_not_lost_to_a_rate_limited_skip() -> None:
     world = build_world(
         aliases=[alias("pool", dep("fake-a", "alpha", rpm=1))],
@@ -366,11 +361,7 @@ async def test_half_open_trial_slot_is_not_lost_to_a_rate_limited_skip() -> None
     assert done.deployment.key == A
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a half-open trial call that is cancelled (client cancel) records no outcome and "
-    "never gives its trial slot back: the breaker stays half-open and refuses every call forever",
-)
+# Found by this test, fixed since: it was a strict xfail.
 async def test_half_open_trial_slot_is_not_lost_to_a_cancelled_call() -> None:
     world = build_world(breaker=ONE_SHOT_BREAKER, retry=RetrySettings(max_attempts=1))
     deployments = plan(world, "alpha")
@@ -574,15 +565,7 @@ async def test_stream_deadline_while_streaming_keeps_deadline_exceeded() -> None
     "deltas",
     [
         pytest.param(1, id="1-delta"),
-        pytest.param(
-            3,
-            id="3-deltas",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="bug: stream_ended_early(..., 1) already sets chunks_sent='1' and with_metadata "
-                "keeps existing entries, so CommittedStream._failure cannot set the real count",
-            ),
-        ),
+        pytest.param(3, id="3-deltas"),  # found by this test (fixed): chunks_sent was always "1"
     ],
 )
 async def test_stream_ending_without_end_event_is_bad_response(deltas: int) -> None:

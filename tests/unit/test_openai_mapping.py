@@ -507,11 +507,6 @@ def test_finish_reason(raw: str | None, expected: FinishReason) -> None:
             {"prompt_tokens": 100, "completion_tokens": 5, "prompt_tokens_details": {"cache_write_tokens": 80}},
             Usage(input_tokens=100, output_tokens=5, cache_creation_input_tokens=80),
             id="cache-write-tokens",
-            marks=pytest.mark.xfail(
-                reason="prompt_tokens_details.cache_write_tokens (reference §1.3) is dropped, not mapped to "
-                "Usage.cache_creation_input_tokens",
-                strict=True,
-            ),
         ),
     ],
 )

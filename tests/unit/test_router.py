@@ -145,12 +145,7 @@ async def test_outcome_after_failure_keeps_the_last_deployment_and_its_attempts(
     assert not outcome.completed and outcome.usage is None and outcome.cost is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the executor copies the attempt log into ctx.outcome only in _failed/_succeeded, so "
-    "skipped attempts after the last failure (and every attempt of an all-skipped call) are missing "
-    "from CallOutcome.attempts, though the module says skipped ones are recorded there",
-)
+# Found by this test, fixed since: it was a strict xfail.
 async def test_outcome_after_failure_includes_skipped_attempts() -> None:
     world = build_world(breaker=BreakerSettings(consecutive_failures=1, min_calls=100, cooldown_s=5.0))
     for deployment in (world.deployment("alpha"), world.deployment("beta")):

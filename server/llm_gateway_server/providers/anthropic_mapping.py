@@ -139,6 +139,7 @@ def chat_params(request: ChatRequest, model: str) -> dict[str, Any]:
                 "name": t.name,
                 "description": t.description,
                 "input_schema": dict(t.parameters or {"type": "object", "properties": {}}),
+                **({"strict": True} if t.strict else {}),
             }
             for t in request.tools
         ]

@@ -10,6 +10,7 @@ content-policy rejections through `upstream_code`.
 from __future__ import annotations
 
 import email.utils
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -70,14 +71,17 @@ def parse_retry_after(headers: Mapping[str, str] | None, cap_s: float = 300.0) -
     raw_ms = lowered.get("retry-after-ms")
     if raw_ms:
         try:
-            return min(max(float(raw_ms) / 1000.0, 0.0), cap_s)
+            value_ms = float(raw_ms)
         except ValueError:
-            pass
+            value_ms = math.nan
+        if not math.isnan(value_ms):  # NaN escapes min/max; ±inf is clamped
+            return min(max(value_ms / 1000.0, 0.0), cap_s)
     raw = lowered.get("retry-after")
     if not raw:
         return None
     try:
-        return min(max(float(raw), 0.0), cap_s)
+        value = float(raw)
+        return None if math.isnan(value) else min(max(value, 0.0), cap_s)
     except ValueError:
         parsed = email.utils.parsedate_tz(raw)
         if parsed is None:

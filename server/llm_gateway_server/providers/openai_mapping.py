@@ -165,10 +165,12 @@ def usage_from_wire(usage: Any) -> Usage | None:
     absent)."""
     if not isinstance(usage, Mapping):
         return None
+    prompt_details = _mapping(usage.get("prompt_tokens_details"))
     return Usage(
         input_tokens=int(usage.get("prompt_tokens") or 0),
         output_tokens=int(usage.get("completion_tokens") or 0),
-        cached_input_tokens=int(_mapping(usage.get("prompt_tokens_details")).get("cached_tokens") or 0),
+        cached_input_tokens=int(prompt_details.get("cached_tokens") or 0),
+        cache_creation_input_tokens=int(prompt_details.get("cache_write_tokens") or 0),
         reasoning_tokens=int(_mapping(usage.get("completion_tokens_details")).get("reasoning_tokens") or 0),
     )
 

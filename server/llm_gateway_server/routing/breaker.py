@@ -50,6 +50,12 @@ class CircuitBreaker:
             return True
         return False
 
+    def release_trial(self, now: float) -> None:
+        """Gives back a half-open trial slot taken by a call that ended with no outcome (skipped
+        after admission, or cancelled), so the breaker cannot stay half-open forever."""
+        if self.state(now) is BreakerState.HALF_OPEN and self._trials > 0:
+            self._trials -= 1
+
     def record(self, now: float, success: bool) -> BreakerState:
         """Records a call outcome; returns the state after it."""
         if self._state is BreakerState.HALF_OPEN:

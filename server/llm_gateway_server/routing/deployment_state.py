@@ -105,6 +105,17 @@ class DeploymentStates:
         self._notify(deployment, state.breaker.state(self.clock()))
         return allowed
 
+    def try_acquire_trial(self, deployment: Deployment) -> bool | None:
+        """Like `try_acquire`, telling a half-open trial (True) from a normal admission (False);
+        None when the breaker refuses."""
+        state = self.get(deployment)
+        trial = state.breaker.state(self.clock()) is BreakerState.HALF_OPEN
+        return trial if self.try_acquire(deployment) else None
+
+    def release_trial(self, deployment: Deployment) -> None:
+        """Returns a half-open trial slot of a call that ended with no outcome."""
+        self.get(deployment).breaker.release_trial(self.clock())
+
     def record(self, deployment: Deployment, success: bool) -> None:
         """Records an outcome that counts for the breaker; notifies on a transition."""
         state = self.get(deployment)

@@ -33,6 +33,7 @@ from ..errors import (
     deadline_exceeded,
     stream_ended_early,
 )
+from ..outcome import CallOutcome
 from .context import CallContext
 from .deployment_state import DeploymentStates
 from .idle import IdleTimeout
@@ -63,8 +64,9 @@ class ExecutorSettings:
 
 @dataclass
 class AttemptLog:
-    """The attempts of one call, in order."""
+    """The attempts of one call, in order, mirrored into the call's outcome as they are added."""
 
+    outcome: CallOutcome
     attempts: list[Attempt] = field(default_factory=list)
 
     def add(
@@ -88,6 +90,7 @@ class AttemptLog:
                 status,
             )
         )
+        self.outcome.attempts = tuple(self.attempts)
 
     def summary(self) -> str:
         """`provider/model:REASON,...` for error metadata."""
@@ -150,8 +153,8 @@ class Executor:
             GatewayError: a non-fallback error at once; otherwise the last error once the plan is
                 exhausted (metadata `attempts` lists them).
         """
-        log = AttemptLog()
-        result, deployment, started = await self._attempt(plan, ctx, tokens, call, log)
+        log = AttemptLog(ctx.outcome)
+        result, deployment, started, _ = await self._attempt(plan, ctx, tokens, call, log)
         self._succeeded(deployment, started, log, ttft_ms=None, ctx=ctx)
         self._release(deployment)
         return Committed(result, deployment, tuple(log.attempts))
@@ -171,7 +174,7 @@ class Executor:
         Raises:
             GatewayError: as `run` (metadata `chunks_sent` "0").
         """
-        log = AttemptLog()
+        log = AttemptLog(ctx.outcome)
 
         async def first_event(deployment: Deployment, timeout_s: float) -> _Opened:
             upstream = start(deployment, timeout_s)
@@ -185,12 +188,12 @@ class Executor:
                 raise
 
         try:
-            opened, deployment, started = await self._attempt(plan, ctx, tokens, first_event, log)
+            opened, deployment, started, trial = await self._attempt(plan, ctx, tokens, first_event, log)
         except GatewayError as error:
             raise error.with_metadata(chunks_sent="0") from None
         ttft_ms = (time.perf_counter() - started) * 1000.0
         ctx.outcome.ttft_ms = ttft_ms
-        return CommittedStream(self, ctx, deployment, opened.first, opened.rest, log, started, ttft_ms)
+        return CommittedStream(self, ctx, deployment, opened.first, opened.rest, log, started, ttft_ms, trial)
 
     async def _attempt(
         self,
@@ -199,13 +202,15 @@ class Executor:
         tokens: int,
         start: Start[T],
         log: AttemptLog,
-    ) -> tuple[T, Deployment, float]:
+    ) -> tuple[T, Deployment, float, bool]:
         """The one attempt loop: returns the first result, its deployment (still counted in
-        flight: the caller releases it) and the perf_counter start of the winning attempt."""
+        flight: the caller releases it), the perf_counter start of the winning attempt and
+        whether it was a half-open breaker trial."""
         last: GatewayError | None = None
         for deployment in plan:
             for attempt in range(self._settings.retry.max_attempts):
-                if not self._admit(deployment, tokens, log):
+                trial = self._admit(deployment, tokens, log)
+                if trial is None:
                     break
                 ctx.outcome.resolve(deployment.provider.name, deployment.provider_model)
                 state = self.states.get(deployment)
@@ -223,10 +228,12 @@ class Executor:
                     if await self._pause_before_retry(ctx, attempt, error):
                         continue
                     break
-                except BaseException:
+                except BaseException:  # cancelled: no outcome to record, but a trial slot to give back
                     state.in_flight -= 1
+                    if trial:
+                        self.states.release_trial(deployment)
                     raise
-                return result, deployment, started
+                return result, deployment, started, trial
         raise self._exhausted(last, plan, log)
 
     # --- bookkeeping -----------------------------------------------------------------------------
@@ -234,14 +241,19 @@ class Executor:
     def _budget(self, ctx: CallContext) -> float:
         return min(ctx.deadline - asyncio.get_running_loop().time(), self._settings.attempt_timeout_s)
 
-    def _admit(self, deployment: Deployment, tokens: int, log: AttemptLog) -> bool:
-        if not self.states.try_acquire(deployment):
+    def _admit(self, deployment: Deployment, tokens: int, log: AttemptLog) -> bool | None:
+        """Whether `deployment` may be called now: None (skipped, and logged) or whether the call
+        is a half-open breaker trial."""
+        trial = self.states.try_acquire_trial(deployment)
+        if trial is None:
             log.add(deployment, AttemptOutcome.SKIPPED, None, reason=Reason.CIRCUIT_OPEN.value)
-            return False
+            return None
         if not self.states.get(deployment).within_limits(deployment, tokens, self.states.clock()):
+            if trial:
+                self.states.release_trial(deployment)
             log.add(deployment, AttemptOutcome.SKIPPED, None, reason="DEPLOYMENT_RATE_LIMITED")
-            return False
-        return True
+            return None
+        return trial
 
     def _release(self, deployment: Deployment) -> None:
         self.states.get(deployment).in_flight -= 1
@@ -250,14 +262,12 @@ class Executor:
         self, deployment: Deployment, error: GatewayError, started: float, log: AttemptLog, ctx: CallContext
     ) -> None:
         log.add(deployment, AttemptOutcome.ERROR, started, error)
-        ctx.outcome.attempts = tuple(log.attempts)
         self.states.record(deployment, success=not counts_against_breaker(error))
 
     def _succeeded(
         self, deployment: Deployment, started: float, log: AttemptLog, ttft_ms: float | None, ctx: CallContext
     ) -> None:
         log.add(deployment, AttemptOutcome.SUCCESS, started)
-        ctx.outcome.attempts = tuple(log.attempts)
         self.states.record(deployment, success=True)
         self.states.get(deployment).observe_latency(log.attempts[-1].latency_ms, ttft_ms)
 
@@ -310,12 +320,33 @@ class CommittedStream:
     and the upstream iterator (closed at the end). A failure raises GatewayError with provider,
     model, `chunks_sent` and `attempts` metadata — UNAVAILABLE once content was sent (the client
     cannot be answered by another deployment any more), DEADLINE_EXCEEDED at the deadline. An
-    upstream that ends without its end event raises PROVIDER_BAD_RESPONSE.
+    upstream that ends without its end event raises PROVIDER_BAD_RESPONSE. Call `aclose()` in a
+    `finally` (idempotent): a consumer that stops early releases everything there.
+
+    A plain async iterator (one coroutine per event, no generator frame in between: the per-event
+    cost is what every streamed chunk pays, bench/INSTRUCTIONS.md).
 
     Attributes:
         deployment: the deployment serving the stream.
         ttft_ms: time from the winning attempt's start to its first event, ms.
     """
+
+    __slots__ = (
+        "_chunks_sent",
+        "_ctx",
+        "_executor",
+        "_first",
+        "_idle",
+        "_log",
+        "_next",
+        "_open",
+        "_recorded",
+        "_rest",
+        "_started",
+        "_trial",
+        "deployment",
+        "ttft_ms",
+    )
 
     def __init__(
         self,
@@ -327,6 +358,7 @@ class CommittedStream:
         log: AttemptLog,
         started: float,
         ttft_ms: float,
+        trial: bool = False,
     ) -> None:
         self.deployment = deployment
         self.ttft_ms = ttft_ms
@@ -334,53 +366,57 @@ class CommittedStream:
         self._ctx = ctx
         self._first: ProviderStreamEvent | None = first
         self._rest = rest
+        self._next = rest.__anext__
         self._log = log
         self._started = started
         self._chunks_sent = 0
         self._open = True
-        self._events = self._iterate()
+        self._recorded = False
+        self._trial = trial
+        self._idle = IdleTimeout(executor._settings.stream_idle_timeout_s, ctx.deadline)
 
     @property
     def attempts(self) -> tuple[Attempt, ...]:
         """Every attempt of the call so far (the successful one once the end event arrived)."""
         return tuple(self._log.attempts)
 
-    def __aiter__(self) -> AsyncIterator[ProviderStreamEvent]:
-        return self._events
+    def __aiter__(self) -> CommittedStream:
+        return self
 
-    async def _iterate(self) -> AsyncIterator[ProviderStreamEvent]:
-        executor, ctx, deployment = self._executor, self._ctx, self.deployment
-        idle = IdleTimeout(executor._settings.stream_idle_timeout_s, ctx.deadline)
-        ended = False
-        try:
-            event = self._first
+    async def __anext__(self) -> ProviderStreamEvent:
+        if self._recorded:  # the end event was returned, or the stream failed
+            await self.aclose()
+            raise StopAsyncIteration
+        event = self._first
+        if event is not None:
             self._first = None
-            while event is not None:
-                if isinstance(event, ChatDelta):
-                    self._chunks_sent += 1
-                else:
-                    ended = True
-                    executor._succeeded(deployment, self._started, self._log, self.ttft_ms, ctx)
-                yield event
-                if ended:
-                    return
-                try:
-                    event = await idle.wait(anext(self._rest))
-                except StopAsyncIteration:
-                    event = None
-                except (TimeoutError, GatewayError) as exc:
-                    limit_s = executor._settings.stream_idle_timeout_s
-                    raise self._failure(wait_failed(ctx, deployment, limit_s, stalled=True, exc=exc)) from None
-            raise self._failure(stream_ended_early(deployment.provider.name, deployment.provider_model, 1))
-        finally:
-            idle.close()
-            await self._close_upstream()
+        else:
+            try:
+                event = await self._idle.wait(self._next())
+            except StopAsyncIteration:
+                error = stream_ended_early(
+                    self.deployment.provider.name, self.deployment.provider_model, self._chunks_sent
+                )
+                raise await self._failure(error) from None
+            except (TimeoutError, GatewayError) as exc:
+                limit_s = self._executor._settings.stream_idle_timeout_s
+                error = wait_failed(self._ctx, self.deployment, limit_s, stalled=True, exc=exc)
+                raise await self._failure(error) from None
+        if isinstance(event, ChatDelta):
+            self._chunks_sent += 1
+        else:
+            self._recorded = True
+            self._executor._succeeded(self.deployment, self._started, self._log, self.ttft_ms, self._ctx)
+        return event
 
-    def _failure(self, error: GatewayError) -> GatewayError:
-        """Records a failure after the stream was committed, as the error the client gets."""
+    async def _failure(self, error: GatewayError) -> GatewayError:
+        """Records a failure after the stream was committed and closes it; returns the error the
+        client gets."""
+        self._recorded = True
         self._executor._failed(self.deployment, error, self._started, self._log, self._ctx)
         if self._chunks_sent and error.code is not grpc.StatusCode.DEADLINE_EXCEEDED:
             error = error.with_code(grpc.StatusCode.UNAVAILABLE)  # content reached the client: no retry
+        await self.aclose()
         return error.with_metadata(
             provider=self.deployment.provider.name,
             model=self.deployment.provider_model,
@@ -389,14 +425,15 @@ class CommittedStream:
         )
 
     async def aclose(self) -> None:
-        """Ends the stream early or after its end: releases the deployment's in-flight count and
-        closes the upstream (idempotent; call it in a `finally`)."""
-        await self._events.aclose()  # type: ignore[attr-defined]
-        await self._close_upstream()
-
-    async def _close_upstream(self) -> None:
+        """Ends the stream (after its end, or early): releases the deployment's in-flight count,
+        stops the idle timer and closes the upstream. Idempotent."""
         if not self._open:
             return
         self._open = False
+        self._idle.close()
         self._executor._release(self.deployment)
+        if not self._recorded and self._trial:
+            # Left early by the consumer: the deployment answered, which is what a trial asks.
+            self._executor.states.record(self.deployment, success=True)
+        self._recorded = True
         await self._rest.aclose()  # type: ignore[attr-defined]
