@@ -46,7 +46,7 @@ class ProviderSettings(BaseModel):
     `api_key_env`. `passthrough`: route models absent from the catalog here (default: true for
     an OpenAI-compatible server with a custom base_url, false otherwise). `http_client`: the HTTP
     transport under the official SDK (openai, anthropic, groq): "aiohttp" (the SDKs' documented
-    `DefaultAioHttpClient`; about 30% less CPU per call and per streamed chunk, bench/NOTES.md) or
+    `DefaultAioHttpClient`; cheaper per call and per streamed chunk, bench/NOTES.md) or
     "httpx" (the SDKs' default). Ollama's SDK has only httpx.
     """
 
@@ -264,7 +264,7 @@ class Settings(BaseSettings):
         redis_timeout_s: socket connect/read bound for Redis calls, seconds.
         metrics_port: Prometheus HTTP port (0: disabled); metrics_host: its bind address.
         log_file: also write the JSON log lines to this file.
-        event_loop: "uvloop" (default when installed; ~20% less CPU per call in bench/) or
+        event_loop: "uvloop" (default when installed; cheaper per call, bench/NOTES.md) or
             "asyncio".
         reuse_port: bind with SO_REUSEPORT (set by `serve --workers` in each worker through
             `LLM_GATEWAY_REUSE_PORT=1`; off otherwise, so a second gateway on a busy port fails).

@@ -95,7 +95,7 @@ class OpenAIProvider(SdkCalls, Provider):
         """Non-streamed chat; see `Provider.chat`. The hot path uses the SDK client's documented
         low-level `post` (base URL, auth, headers, error statuses, timeout all from the SDK) with the
         gateway's already-typed body, and reads the answer as JSON: this skips the SDK's per-call
-        parameter transformation and response-model construction (~25% of a call's CPU, bench/)."""
+        parameter transformation and response-model construction (bench/NOTES.md)."""
         params = self._chat_params(request, model, stream=False)
         raw = await self._call(
             model,
@@ -118,7 +118,7 @@ class OpenAIProvider(SdkCalls, Provider):
         params = self._chat_params(request, model, stream=True)
         # The documented low-level `post` with `stream=True` and the raw response type returns the
         # unread HTTP response (error statuses already raised by the SDK); no per-call parameter
-        # transformation (~0.3 ms per stream, bench/NOTES.md).
+        # transformation (bench/NOTES.md).
         response = await self._call(
             model,
             timeout_s,

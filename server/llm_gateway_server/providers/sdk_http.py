@@ -1,9 +1,8 @@
 """The HTTP client under a Stainless SDK (openai, anthropic, groq): one pooled client per provider.
 
 "aiohttp" is each SDK's documented `DefaultAioHttpClient` (httpx's interface over an aiohttp
-transport; the SDKs' `[aiohttp]` extra). Measured here (bench/NOTES.md, 2026-11-22) it costs
-about 0.65 ms of CPU per non-streamed call against 0.9 ms for the SDK's default httpx transport,
-and about 25 µs per streamed chunk against 40 µs. "httpx" is the SDK default
+transport; the SDKs' `[aiohttp]` extra), the cheaper of the two per call and per streamed chunk
+(figures in bench/NOTES.md). "httpx" is the SDK default
 (`DefaultAsyncHttpxClient`).
 """
 

@@ -1,7 +1,7 @@
 """The idle timeout of a stream with one timer per stream, re-armed lazily.
 
 `asyncio.timeout` around every upstream event costs a timer handle, a context manager and an
-exception frame per event (about a fifth of the router's per-chunk CPU, bench/NOTES.md). An
+exception frame per event (measured in bench/NOTES.md). An
 `IdleTimeout` keeps one timer: each wait only notes when it started; when the timer fires it
 checks whether the current wait is really overdue and otherwise re-arms itself for the right
 moment. Cancellation follows `asyncio.timeout` (3.11): the waiting task is cancelled, and the

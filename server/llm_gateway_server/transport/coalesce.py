@@ -1,8 +1,8 @@
 """Delta coalescing for server streams: fewer, larger gRPC messages when deltas arrive faster than
 the client connection takes them, and no added latency when they do not.
 
-A gRPC message costs the gateway ~70-90 µs of CPU whatever its size (bench/NOTES.md: a bare
-grpc.aio server on this machine), while parsing an upstream chunk costs ~25 µs. Upstreams often
+A gRPC message costs the gateway far more CPU than parsing an upstream chunk, whatever its size
+(figures in bench/NOTES.md). Upstreams often
 deliver several chunks in one TCP read (a fast model, a provider that batches tokens, a network
 hiccup). `coalesced` runs the router's stream in a pump task; each time the writer is ready for
 the next message it takes every delta already waiting and sends them as one. A delta is never

@@ -6,9 +6,26 @@
         print(reply.message.content[0].text)
 
 Failures raise `GatewayCallError`, which exposes the status code and the decoded
-`google.rpc.ErrorInfo` (reason, metadata) and `RetryInfo` delay.
+`google.rpc.ErrorInfo` (reason, metadata) and `RetryInfo` delay. `chat_stream` returns a
+`ChatStream` / `AsyncChatStream` that cancels its call as soon as the consumer is done with it.
 """
 
-from .client import AsyncGatewayClient, GatewayCallError, GatewayClient, build_chat_request, build_chat_stream_request
+from .client import (
+    AsyncChatStream,
+    AsyncGatewayClient,
+    ChatStream,
+    GatewayCallError,
+    GatewayClient,
+    build_chat_request,
+    build_chat_stream_request,
+)
 
-__all__ = ["AsyncGatewayClient", "GatewayCallError", "GatewayClient", "build_chat_request", "build_chat_stream_request"]
+__all__ = [
+    "AsyncChatStream",
+    "AsyncGatewayClient",
+    "ChatStream",
+    "GatewayCallError",
+    "GatewayClient",
+    "build_chat_request",
+    "build_chat_stream_request",
+]

@@ -83,7 +83,21 @@ def _metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
 
-class ChatStream(Iterator[pb.ChatStreamResponse]):
+class _OwnedCall:
+    """A streaming call owned by one stream object: `cancel()` ends it and the iteration."""
+
+    def __init__(self, call: Any) -> None:
+        # `call`: the grpc (or grpc.aio) unary-stream call, which has `cancel()`.
+        self._call = call
+        self._closed = False
+
+    def cancel(self) -> bool:
+        """Cancels the call; True if it was still running. Iteration stops."""
+        self._closed = True
+        return bool(self._call.cancel())
+
+
+class ChatStream(_OwnedCall, Iterator[pb.ChatStreamResponse]):
     """The events of one blocking `ChatStream` call, returned by `GatewayClient.chat_stream`.
 
     An iterator (the RPC starts when it is created) that owns the call and cancels it as soon as
@@ -104,11 +118,6 @@ class ChatStream(Iterator[pb.ChatStreamResponse]):
     stream.
     """
 
-    def __init__(self, call: Any) -> None:
-        # `call`: the grpc unary-stream call (an iterator of responses with `cancel()`).
-        self._call = call
-        self._closed = False
-
     def __next__(self) -> pb.ChatStreamResponse:
         if self._closed:
             raise StopIteration
@@ -125,11 +134,6 @@ class ChatStream(Iterator[pb.ChatStreamResponse]):
         except BaseException:
             self.cancel()
             raise
-
-    def cancel(self) -> bool:
-        """Cancels the call; True if it was still running. Iteration stops."""
-        self._closed = True
-        return bool(self._call.cancel())
 
     def close(self) -> None:
         """Cancels the call if it is still running (as `cancel()`; the generator-style name)."""
@@ -148,7 +152,7 @@ class ChatStream(Iterator[pb.ChatStreamResponse]):
             self._call.cancel()
 
 
-class AsyncChatStream(AsyncIterator[pb.ChatStreamResponse]):
+class AsyncChatStream(_OwnedCall, AsyncIterator[pb.ChatStreamResponse]):
     """The events of one asyncio `ChatStream` call, returned by `AsyncGatewayClient.chat_stream`.
 
     An async iterator (the RPC starts when it is created, inside the running loop) that owns the
@@ -171,9 +175,8 @@ class AsyncChatStream(AsyncIterator[pb.ChatStreamResponse]):
 
     def __init__(self, call: Any) -> None:
         # `call`: the grpc.aio unary-stream call (an async iterable of responses with `cancel()`).
-        self._call = call
+        super().__init__(call)
         self._events: AsyncIterator[Any] | None = None
-        self._closed = False
 
     async def __anext__(self) -> pb.ChatStreamResponse:
         if self._closed:
@@ -199,11 +202,6 @@ class AsyncChatStream(AsyncIterator[pb.ChatStreamResponse]):
         except BaseException:
             self.cancel()
             raise
-
-    def cancel(self) -> bool:
-        """Cancels the call; True if it was still running. Iteration stops."""
-        self._closed = True
-        return bool(self._call.cancel())
 
     async def aclose(self) -> None:
         """Cancels the call if it is still running (as `cancel()`; the async-generator name)."""
