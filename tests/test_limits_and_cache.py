@@ -327,3 +327,24 @@ async def test_embed_is_cached(cached: Gateway, openai_upstream: OpenAIEmulator)
     second = await cached.stub.Embed(request, metadata=bearer(KEY_A))
     assert not first.cache.hit and second.cache.hit and second.embeddings == first.embeddings
     assert len(openai_upstream.calls("/embeddings")) == 1
+
+
+async def test_a_negative_max_output_tokens_cannot_poison_the_tokens_window(
+    make_gateway: GatewayFactory, openai_upstream: OpenAIEmulator, backend: str | None
+) -> None:
+    """Found from outside: the limiter reserved the token estimate before the request was
+    validated, so `max_output_tokens: -2147483648` reserved a negative amount; with two such calls
+    in flight a reconcile clamped the counter at 0 and the other refund left ~2^31 tokens "used",
+    refusing every call of the scope for the rest of the minute (in memory and on Redis)."""
+    _wait_for_fresh_window()
+    gateway = await _gateway(make_gateway, openai_upstream, backend, rate_limits={"default_tpm": 100_000})
+    hostile = chat("m", "x", generation=pb.GenerationOptions(max_output_tokens=-(2**31)))
+    results = await asyncio.gather(*(gateway.stub.Chat(hostile) for _ in range(20)), return_exceptions=True)
+    for result in results:
+        assert isinstance(result, grpc.aio.AioRpcError)
+        error = rich_error(result)
+        assert (error.code, error.info.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST")
+        assert error.bad_request is not None
+        assert error.bad_request.field_violations[0].field == "generation.max_output_tokens"
+    reply = await gateway.stub.Chat(chat("m", "still allowed"))
+    assert reply.message.content[0].text == "echo: still allowed"

@@ -2,7 +2,7 @@
 
 catalog → provider registry → deployment states → executor → resolver → router → model
 directory → servicer; metrics; the interceptor chain (observability → auth → rate limit →
-cache) and its state backends. `transport/server.py` only serves gRPC, health and reflection;
+cache, with validation after auth) and its state backends. `transport/server.py` only serves gRPC, health and reflection;
 this module is the one place that knows how the pieces fit and the one that reads the process
 environment (for the providers' standard variables).
 """
@@ -24,6 +24,7 @@ from .interceptors.auth import AuthInterceptor
 from .interceptors.cache import CacheInterceptor
 from .interceptors.observability import ObservabilityInterceptor
 from .interceptors.ratelimit import RateLimitInterceptor
+from .interceptors.validation import ValidationInterceptor
 from .providers.registry import ProviderRegistry, build_registry
 from .routing.catalog import Catalog, load_catalog
 from .routing.deployment_state import DeploymentStates
@@ -38,6 +39,7 @@ from .telemetry.metrics import BREAKER_STATE_VALUES, Metrics
 from .transport.health import BreakerHealth
 from .transport.server import GrpcServer, start_grpc
 from .transport.servicer import LLMGatewayServicer
+from .transport.tls import ServerTls, server_tls
 
 log = structlog.get_logger(__name__)
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
@@ -94,14 +96,38 @@ def _auth(settings: Settings) -> AuthInterceptor | None:
     return None
 
 
+def _transport_security(settings: Settings) -> ServerTls | None:
+    """The TLS credentials (None: plaintext), enforcing the plaintext-on-loopback-only rule.
+
+    Raises:
+        ConfigError: invalid TLS files (see `transport.tls`), or no TLS on a non-loopback address
+            without `tls.allow_plaintext: true`.
+    """
+    tls = server_tls(settings.tls)
+    if tls is not None:
+        log.info("tls", mode=tls.mode, files=tls.files)
+    elif settings.host not in _LOOPBACK and not settings.tls.allow_plaintext:
+        raise ConfigError(
+            f"no TLS configured (tls.cert_file, tls.key_file): refusing plaintext on {settings.host}; set the "
+            "certificate and key, bind a loopback address, or set tls.allow_plaintext: true"
+        )
+    elif settings.host not in _LOOPBACK:
+        log.warning("tls", mode="plaintext", note="tls.allow_plaintext is set: serving plaintext off loopback")
+    else:
+        log.info("tls", mode="plaintext", note="no TLS configured: plaintext on loopback")
+    return tls
+
+
 def _interceptors(
     settings: Settings, auth: AuthInterceptor | None, metrics: Metrics | None
 ) -> tuple[list[grpc.aio.ServerInterceptor], list[RateLimitBackend | CacheBackend]]:
-    """The chain, outermost first (observability → auth → rate limit → cache), and its backends."""
+    """The chain, outermost first (observability → auth → validation → rate limit → cache), and
+    its backends."""
     chain: list[grpc.aio.ServerInterceptor] = [ObservabilityInterceptor(metrics, settings.log_content)]
     backends: list[RateLimitBackend | CacheBackend] = []
     if auth is not None:
         chain.append(auth)
+    chain.append(ValidationInterceptor())
     has_limits = _has_limits(settings)
     if has_limits:
         rate_backend: RateLimitBackend = (
@@ -163,6 +189,7 @@ class RunningServer:
 
     grpc_server: GrpcServer
     application: Application
+    tls: ServerTls | None = None
 
     @property
     def port(self) -> int:
@@ -173,6 +200,15 @@ class RunningServer:
     def metrics(self) -> Metrics | None:
         """The metrics (None when `metrics_port` is 0)."""
         return self.application.metrics
+
+    def reload_tls(self) -> bool:
+        """Re-reads the TLS certificate, key and client CA files (SIGHUP does this in `serve`).
+
+        Returns:
+            True when they are valid and new connections get them; False when TLS is off or the
+            files are invalid (logged; the previous certificate stays in use).
+        """
+        return self.tls.reload() if self.tls is not None else False
 
     async def wait_for_termination(self) -> None:
         """Returns when the gRPC server has stopped."""
@@ -190,11 +226,13 @@ async def start_server(settings: Settings, environ: Mapping[str, str] | None = N
     Args:
         environ: the environment for provider keys (default: `os.environ`).
     Raises:
-        ConfigError: a provider is misconfigured, or auth is required and missing.
+        ConfigError: a provider is misconfigured, auth is required and missing, the TLS files are
+            invalid, or plaintext is refused on a non-loopback address.
         BindError: the address cannot be bound.
     """
     application = build_application(settings, dict(os.environ if environ is None else environ))
     try:
+        tls = _transport_security(settings)
         grpc_server = await start_grpc(
             application.servicer,
             application.interceptors,
@@ -204,6 +242,7 @@ async def start_server(settings: Settings, environ: Mapping[str, str] | None = N
             reuse_port=settings.reuse_port,
             grace_period_s=settings.grace_period_s,
             health_names=[f"provider/{p}" for p in application.registry.names()],
+            credentials=tls.credentials if tls is not None else None,
         )
     except BaseException:
         await application.aclose()
@@ -214,15 +253,17 @@ async def start_server(settings: Settings, environ: Mapping[str, str] | None = N
     log.info(
         "server_started",
         address=f"{settings.host}:{grpc_server.port}",
+        tls=tls.mode if tls is not None else "off",
         providers=list(application.registry.names()),
         catalog_models=len(application.catalog.all()),
         metrics=f"http://{settings.metrics_host}:{settings.metrics_port}/metrics" if application.metrics else "off",
     )
-    return RunningServer(grpc_server, application)
+    return RunningServer(grpc_server, application, tls)
 
 
 async def serve(settings: Settings) -> None:
-    """Runs until SIGTERM/SIGINT, then drains (see `RunningServer.stop`)."""
+    """Runs until SIGTERM/SIGINT, then drains (see `RunningServer.stop`); with TLS on, SIGHUP
+    re-reads the certificate files (`RunningServer.reload_tls`)."""
     running = await start_server(settings)
     # Everything loaded so far (SDKs, pydantic models, the catalog) lives as long as the process:
     # moved out of the collector's reach, full collections stay short (bench/NOTES.md).
@@ -231,6 +272,8 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    if running.tls is not None:
+        loop.add_signal_handler(signal.SIGHUP, running.reload_tls)
     server_done = asyncio.ensure_future(running.wait_for_termination())
     stop_requested = asyncio.ensure_future(stop.wait())
     await asyncio.wait({server_done, stop_requested}, return_when=asyncio.FIRST_COMPLETED)

@@ -236,6 +236,25 @@ class CacheSettings(BaseModel):
     max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
 
 
+class TlsSettings(BaseModel):
+    """Transport security of the gRPC port (transport/tls.py).
+
+    `cert_file` + `key_file`: PEM server certificate (chain, leaf first) and its unencrypted
+    private key; both set turn TLS on (minimum TLS 1.2, gRPC core's floor). `client_ca_file`: PEM
+    CA bundle that client certificates must chain to; set, it turns on mTLS (a client certificate
+    is required). The files are re-read without a restart on SIGHUP and when their modification
+    times change (checked when a connection arrives). `allow_plaintext`: serve without TLS on a
+    non-loopback address (refused otherwise; loopback always may).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    client_ca_file: Path | None = None
+    allow_plaintext: bool = False
+
+
 class Settings(BaseSettings):
     """Gateway settings. Every field can be set as `LLM_GATEWAY_<FIELD>` or in the YAML file.
 
@@ -266,6 +285,7 @@ class Settings(BaseSettings):
         log_file: also write the JSON log lines to this file.
         event_loop: "uvloop" (default when installed; cheaper per call, bench/NOTES.md) or
             "asyncio".
+        tls: certificate, key and client CA files, and `allow_plaintext` (see TlsSettings).
         reuse_port: bind with SO_REUSEPORT (set by `serve --workers` in each worker through
             `LLM_GATEWAY_REUSE_PORT=1`; off otherwise, so a second gateway on a busy port fails).
     """
@@ -299,6 +319,7 @@ class Settings(BaseSettings):
     log_file: str | None = None
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
     reuse_port: bool = False
+    tls: TlsSettings = Field(default_factory=TlsSettings)
 
     @model_validator(mode="after")
     def _unique_provider_names(self) -> Settings:

@@ -46,6 +46,7 @@ class Reason(enum.StrEnum):
     PROVIDER_AUTH_FAILED = "PROVIDER_AUTH_FAILED"
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     # beyond the table
+    MALFORMED_REQUEST = "MALFORMED_REQUEST"
     API_KEY_EXPIRED = "API_KEY_EXPIRED"
     API_KEY_DISABLED = "API_KEY_DISABLED"
     PROVIDER_NOT_CONFIGURED = "PROVIDER_NOT_CONFIGURED"
@@ -77,6 +78,7 @@ _CODES: Mapping[Reason, grpc.StatusCode] = {
     Reason.PROVIDER_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     Reason.PROVIDER_AUTH_FAILED: grpc.StatusCode.INTERNAL,
     Reason.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Reason.MALFORMED_REQUEST: grpc.StatusCode.INVALID_ARGUMENT,
     Reason.API_KEY_EXPIRED: grpc.StatusCode.UNAUTHENTICATED,
     Reason.API_KEY_DISABLED: grpc.StatusCode.PERMISSION_DENIED,
     Reason.PROVIDER_NOT_CONFIGURED: grpc.StatusCode.FAILED_PRECONDITION,
@@ -244,6 +246,16 @@ def invalid_request(violations: Sequence[FieldViolation]) -> GatewayError:
     summary = "; ".join(f"{v.field}: {v.description}" for v in violations[:5])
     more = f" (and {len(violations) - 5} more)" if len(violations) > 5 else ""
     return GatewayError(Reason.INVALID_REQUEST, f"invalid request: {summary}{more}", violations=violations)
+
+
+def malformed_request(message_type: str, detail: str, size: int) -> GatewayError:
+    """INVALID_ARGUMENT / MALFORMED_REQUEST: the request body is not a valid `message_type`
+    (`detail`: the protobuf runtime's reason; `size`: body bytes)."""
+    return GatewayError(
+        Reason.MALFORMED_REQUEST,
+        f"the request is not a valid {message_type}: {detail}",
+        metadata={"message_type": message_type, "request_bytes": str(size)},
+    )
 
 
 def model_not_found(model: str, hint: str = "") -> GatewayError:

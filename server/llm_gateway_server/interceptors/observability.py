@@ -95,7 +95,7 @@ class ObservabilityInterceptor(GatewayInterceptor):
             "method": name,
             "peer": record.peer,
             "key_id": record.key_id,
-            "model": outcome.model or getattr(request, "model", ""),
+            "model": outcome.model or _requested_model(request),
             "provider": outcome.provider,
             "code": outcome.code.name,
             "latency_ms": round(elapsed * 1000.0, 3),
@@ -141,6 +141,13 @@ def _record_metrics(m: Metrics, name: str, outcome: CallOutcome, elapsed: float,
     for attempt in outcome.attempts:
         if attempt.outcome is AttemptOutcome.ERROR:
             m.provider_errors.labels(attempt.provider, attempt.error_reason).inc()
+
+
+def _requested_model(request: object) -> str:
+    """The model a request names, clipped to 256 characters ("" for other requests)."""
+    if isinstance(request, (pb.ChatRequest, pb.ChatStreamRequest, pb.EmbedRequest, pb.CountTokensRequest)):
+        return request.model[:256]
+    return ""
 
 
 def _prompt_text(request: Any) -> str:

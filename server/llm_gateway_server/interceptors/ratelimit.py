@@ -46,7 +46,7 @@ def estimate_request_tokens(request: object, output_reserve: int) -> int:
         text = sum(len(p.text) for m in request.messages for p in m.content)
         generation = request.generation
         output = generation.max_output_tokens if generation.HasField("max_output_tokens") else output_reserve
-        return estimate_tokens(text) + TOKENS_PER_MESSAGE * len(request.messages) + output
+        return estimate_tokens(text) + TOKENS_PER_MESSAGE * len(request.messages) + max(output, 0)
     if isinstance(request, pb.EmbedRequest):
         return sum(estimate_tokens(len(t)) for t in request.inputs)
     return 0

@@ -39,6 +39,18 @@ class Reservation:
     reserved_tokens: int
 
 
+# Token amounts the counters take: never negative, and below 2^53 so that Redis's Lua (doubles)
+# adds them exactly.
+MAX_TOKEN_AMOUNT = 2**53 - 1
+
+
+def token_amount(tokens: int) -> int:
+    """`tokens` as a counter may take it: clamped to [0, MAX_TOKEN_AMOUNT]. A negative estimate
+    (or usage) must never be reserved or refunded: it would leave the window's counter wrong
+    for every later call of the scope."""
+    return min(max(int(tokens), 0), MAX_TOKEN_AMOUNT)
+
+
 def current_window(now: float | None = None) -> tuple[int, float]:
     """(window index, seconds until it ends) for wall-clock `now` (default: time.time())."""
     now = time.time() if now is None else now

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 
-from .base import CacheBackend, RateLimitBackend, Reservation, current_window
+from .base import CacheBackend, RateLimitBackend, Reservation, current_window, token_amount
 
 
 class MemoryRateLimits(RateLimitBackend):
@@ -17,6 +17,7 @@ class MemoryRateLimits(RateLimitBackend):
         self._streams: dict[str, dict[str, float]] = {}
 
     async def acquire(self, scope: str, rpm: int | None, tpm: int | None, tokens: int) -> Reservation:
+        tokens = token_amount(tokens)
         window, reset = current_window()
         seen_window, requests, used = self._counts.get(scope, (window, 0, 0))
         if seen_window != window:
@@ -32,7 +33,8 @@ class MemoryRateLimits(RateLimitBackend):
     async def reconcile(self, scope: str, reservation: Reservation, actual_tokens: int) -> None:
         window, requests, used = self._counts.get(scope, (reservation.window, 0, 0))
         if window == reservation.window:
-            self._counts[scope] = (window, requests, max(used - reservation.reserved_tokens + actual_tokens, 0))
+            refunded = used - token_amount(reservation.reserved_tokens) + token_amount(actual_tokens)
+            self._counts[scope] = (window, requests, max(refunded, 0))
 
     async def open_stream(self, scope: str, stream_id: str, limit: int, max_age_s: float) -> bool:
         now = time.monotonic()

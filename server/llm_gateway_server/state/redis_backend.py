@@ -16,7 +16,15 @@ from typing import Any, TypeVar
 import redis.asyncio as redis
 from redis.exceptions import RedisError
 
-from .base import WINDOW_S, BackendUnavailableError, CacheBackend, RateLimitBackend, Reservation, current_window
+from .base import (
+    WINDOW_S,
+    BackendUnavailableError,
+    CacheBackend,
+    RateLimitBackend,
+    Reservation,
+    current_window,
+    token_amount,
+)
 
 T = TypeVar("T")
 
@@ -82,6 +90,7 @@ class RedisRateLimits(RateLimitBackend):
         self._open = self._client.redis.register_script(_OPEN_STREAM)
 
     async def acquire(self, scope: str, rpm: int | None, tpm: int | None, tokens: int) -> Reservation:
+        tokens = token_amount(tokens)
         window, reset = current_window()
         keys = [key(scope, "req", window), key(scope, "tok", window)]
         args = [-1 if rpm is None else rpm, -1 if tpm is None else tpm, tokens, int(WINDOW_S * 2 * 1000)]
@@ -91,7 +100,7 @@ class RedisRateLimits(RateLimitBackend):
         return Reservation(bool(allowed), exceeded, requests, used, window, reset, tokens if allowed else 0)
 
     async def reconcile(self, scope: str, reservation: Reservation, actual_tokens: int) -> None:
-        delta = actual_tokens - reservation.reserved_tokens
+        delta = token_amount(actual_tokens) - token_amount(reservation.reserved_tokens)
         if delta:
             await self._client.run(self._reconcile(keys=[key(scope, "tok", reservation.window)], args=[delta]))
 

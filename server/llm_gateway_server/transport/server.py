@@ -19,6 +19,8 @@ from grpc_reflection.v1alpha import reflection
 from llm_gateway.v1 import llm_gateway_pb2 as pb
 from llm_gateway.v1 import llm_gateway_pb2_grpc as pb_grpc
 
+from .decoding import add_gateway_service
+
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LLMGatewayService"].full_name
 
 
@@ -51,6 +53,7 @@ async def start_grpc(
     reuse_port: bool,
     grace_period_s: float,
     health_names: Iterable[str] = (),
+    credentials: grpc.ServerCredentials | None = None,
 ) -> GrpcServer:
     """Serves `servicer` behind `interceptors` (outermost first) with health and reflection.
 
@@ -60,6 +63,8 @@ async def start_grpc(
         reuse_port: SO_REUSEPORT (only for `--workers`: a second gateway on a busy port must fail).
         grace_period_s: drain time given to in-flight calls by `stop`, seconds.
         health_names: health service names set SERVING besides "" and the gateway service.
+        credentials: TLS server credentials for the port (`transport.tls.ServerTls.credentials`);
+            None serves plaintext (the loopback rule is enforced by the caller, `app.py`).
     Raises:
         BindError: the address cannot be bound.
     """
@@ -69,7 +74,7 @@ async def start_grpc(
         ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
     server = grpc.aio.server(options=options, interceptors=list(interceptors))
-    pb_grpc.add_LLMGatewayServiceServicer_to_server(servicer, server)
+    add_gateway_service(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -77,7 +82,9 @@ async def start_grpc(
     )
     address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
     try:
-        bound = server.add_insecure_port(address)
+        bound = (
+            server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
+        )
     except RuntimeError as exc:
         raise BindError(f"cannot bind {address}") from exc
     if bound == 0:

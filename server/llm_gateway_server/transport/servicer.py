@@ -1,5 +1,6 @@
-"""The `llm_gateway.v1.LLMGatewayService` servicer: validates, converts protobuf ↔ domain, and
-delegates to the router / model directory. Nothing else lives here.
+"""The `llm_gateway.v1.LLMGatewayService` servicer: converts protobuf ↔ domain and delegates to
+the router / model directory. Nothing else lives here (requests arrive validated: the validation
+interceptor runs before the rate limiter and the cache).
 
 One decorator (`_rpc`) wraps unary and server-streaming handlers alike: it assigns the request
 id, computes the deadline, and turns `GatewayError` into a rich status; any other exception is a
@@ -24,7 +25,7 @@ from ..errors import GatewayError, internal_error
 from ..routing.context import CallContext
 from ..routing.directory import ModelDirectory
 from ..routing.router import Router
-from . import convert, validation
+from . import convert
 from .call_record import CallRecord, current_call, request_id_from
 from .coalesce import coalesced
 from .status import abort
@@ -108,7 +109,6 @@ class LLMGatewayServicer(pb_grpc.LLMGatewayServiceServicer):  # type: ignore[mis
         self, request: pb.ChatRequest, context: grpc.aio.ServicerContext, ctx: CallContext
     ) -> pb.ChatResponse:
         """Unary chat."""
-        validation.check_chat(request)
         response = await self.router.chat(convert.chat_request_in(request), ctx)
         return convert.chat_response_out(response)
 
@@ -117,7 +117,6 @@ class LLMGatewayServicer(pb_grpc.LLMGatewayServiceServicer):  # type: ignore[mis
         self, request: pb.ChatStreamRequest, context: grpc.aio.ServicerContext, ctx: CallContext
     ) -> AsyncIterator[pb.ChatStreamResponse]:
         """Server-streaming chat: deltas, then one final event."""
-        validation.check_chat(request)
         events = self.router.chat_stream(convert.chat_request_in(request), ctx)
         if self.coalesce_deltas:
             events = coalesced(events)
@@ -132,7 +131,6 @@ class LLMGatewayServicer(pb_grpc.LLMGatewayServiceServicer):  # type: ignore[mis
         self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext, ctx: CallContext
     ) -> pb.EmbedResponse:
         """Embeddings."""
-        validation.check_embed(request)
         response = await self.router.embed(convert.embed_request_in(request), ctx)
         return convert.embed_response_out(response)
 
@@ -161,6 +159,5 @@ class LLMGatewayServicer(pb_grpc.LLMGatewayServiceServicer):  # type: ignore[mis
         self, request: pb.CountTokensRequest, context: grpc.aio.ServicerContext, ctx: CallContext
     ) -> pb.CountTokensResponse:
         """Input-token count of a chat request."""
-        validation.check_count_tokens(request)
         count = await self.router.count_tokens(convert.count_tokens_request_in(request), ctx)
         return convert.count_tokens_out(count)

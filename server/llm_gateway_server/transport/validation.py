@@ -26,6 +26,8 @@ MAX_END_USER_CHARS = 256
 MAX_EMBED_INPUTS = 2048
 MAX_OUTPUT_TOKENS = 1_000_000
 MAX_TTL_SECONDS = 30 * 24 * 3600
+MAX_PAGE_SIZE = 1000
+MAX_PAGE_TOKEN_CHARS = 512
 IMAGE_MIME_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -187,6 +189,26 @@ def check_embed(request: pb.EmbedRequest) -> None:
             v.append(FieldViolation(f"inputs[{i}]", "must not be empty"))
     if request.HasField("dimensions") and not 1 <= request.dimensions <= 16384:
         v.append(FieldViolation("dimensions", "must be in [1, 16384]"))
+    if v:
+        raise invalid_request(v)
+
+
+def check_list_models(request: pb.ListModelsRequest) -> None:
+    """Validates a ListModels request: a known capability value (an unknown one used to answer an
+    unfiltered list) and a page size in range.
+
+    Raises:
+        GatewayError: INVALID_ARGUMENT / INVALID_REQUEST with every violation.
+    """
+    v: list[FieldViolation] = []
+    if request.capability not in pb.Capability.values():
+        v.append(FieldViolation("capability", f"unknown value {request.capability}"))
+    if not 0 <= request.page_size <= MAX_PAGE_SIZE:
+        v.append(FieldViolation("page_size", f"must be between 0 and {MAX_PAGE_SIZE}"))
+    if len(request.provider) > MAX_MODEL_CHARS:
+        v.append(FieldViolation("provider", f"at most {MAX_MODEL_CHARS} characters"))
+    if len(request.page_token) > MAX_PAGE_TOKEN_CHARS:
+        v.append(FieldViolation("page_token", f"at most {MAX_PAGE_TOKEN_CHARS} characters"))
     if v:
         raise invalid_request(v)
 

@@ -4,6 +4,7 @@ llm-gateway-client chat --model gpt-4o-mini "Hello"            # unary
 llm-gateway-client chat --model m --stream "Tell me a story"    # streamed
 llm-gateway-client models [--provider openai]
 llm-gateway-client embed --model text-embedding-3-small "a" "b"
+llm-gateway-client --tls-ca ca.pem [--tls-cert client.pem --tls-key client.key] chat ...   # TLS / mTLS
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--target", default=os.environ.get("LLM_GATEWAY_TARGET", DEFAULT_TARGET), help="host:port")
     parser.add_argument("--api-key", default=os.environ.get("LLM_GATEWAY_API_KEY"), help="gateway key (optional)")
     parser.add_argument("--timeout", type=float, default=120.0, help="deadline per call, seconds")
+    parser.add_argument("--tls", action="store_true", help="TLS with gRPC's default roots (implied by --tls-*)")
+    parser.add_argument("--tls-ca", default=None, metavar="FILE", help="PEM CA bundle for the server certificate")
+    parser.add_argument("--tls-cert", default=None, metavar="FILE", help="PEM client certificate (mTLS)")
+    parser.add_argument("--tls-key", default=None, metavar="FILE", help="PEM client private key (mTLS)")
     commands = parser.add_subparsers(dest="command", required=True)
     chat = commands.add_parser("chat", help="send one prompt")
     chat.add_argument("--model", required=True)
@@ -46,8 +51,23 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns 0 on success, 1 on a failed call (status and ErrorInfo on stderr)."""
-    args = _parser().parse_args(argv)
-    with GatewayClient(args.target, api_key=args.api_key, timeout_s=args.timeout) as client:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        client = GatewayClient(
+            args.target,
+            api_key=args.api_key,
+            timeout_s=args.timeout,
+            tls=args.tls,
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+        )
+    except ValueError as error:
+        parser.error(str(error))
+    except OSError as error:
+        parser.error(f"cannot read {error.filename}: {error.strerror}")
+    with client:
         try:
             if args.command == "chat":
                 options: dict[str, Any] = {"system": args.system, "provider": args.provider}

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, cast
 
@@ -14,6 +16,7 @@ from llm_gateway.v1 import llm_gateway_pb2 as pb
 from llm_gateway.v1 import llm_gateway_pb2_grpc as pb_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+PathLike = str | os.PathLike[str]
 
 
 class GatewayCallError(Exception):
@@ -77,6 +80,47 @@ def build_chat_stream_request(
     return pb.ChatStreamRequest.FromString(
         build_chat_request(model, prompt, system=system, provider=provider, **fields).SerializeToString()
     )
+
+
+def channel_credentials(
+    tls_ca: PathLike | None = None, tls_cert: PathLike | None = None, tls_key: PathLike | None = None
+) -> grpc.ChannelCredentials:
+    """TLS channel credentials from PEM files (for `grpc.secure_channel` / `grpc.aio.secure_channel`).
+
+    Args:
+        tls_ca: CA bundle the server's certificate must chain to; None: gRPC's default roots
+            (`GRPC_DEFAULT_SSL_ROOTS_FILE_PATH`, else the roots bundled with grpcio).
+        tls_cert / tls_key: this client's certificate (chain) and unencrypted private key, for a
+            gateway that requires client certificates (mTLS); both or neither.
+    Raises:
+        ValueError: only one of `tls_cert` / `tls_key` is given.
+        OSError: a file cannot be read.
+    """
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("tls_cert and tls_key go together (a client certificate needs its key)")
+    return grpc.ssl_channel_credentials(
+        root_certificates=Path(tls_ca).read_bytes() if tls_ca is not None else None,
+        private_key=Path(tls_key).read_bytes() if tls_key is not None else None,
+        certificate_chain=Path(tls_cert).read_bytes() if tls_cert is not None else None,
+    )
+
+
+def _credentials(
+    tls: bool,
+    tls_ca: PathLike | None,
+    tls_cert: PathLike | None,
+    tls_key: PathLike | None,
+    credentials: grpc.ChannelCredentials | None,
+) -> grpc.ChannelCredentials | None:
+    """The channel's credentials, or None for a plaintext channel (no TLS option given)."""
+    files = (tls_ca, tls_cert, tls_key)
+    if credentials is not None:
+        if any(f is not None for f in files):
+            raise ValueError("give either credentials or tls_ca/tls_cert/tls_key, not both")
+        return credentials
+    if tls or any(f is not None for f in files):
+        return channel_credentials(tls_ca, tls_cert, tls_key)
+    return None
 
 
 def _metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
@@ -222,7 +266,19 @@ class AsyncChatStream(_OwnedCall, AsyncIterator[pb.ChatStreamResponse]):
 
 
 class GatewayClient:
-    """Blocking client. `timeout_s` is the deadline of each call, seconds."""
+    """Blocking client. `timeout_s` is the deadline of each call, seconds.
+
+    Plaintext by default; TLS when `tls` is true or any of `tls_ca` (CA bundle that the server
+    certificate must chain to), `tls_cert` + `tls_key` (client certificate and key, for mTLS) or
+    `credentials` (ready-made `grpc.ChannelCredentials`) is given; see `channel_credentials`. The
+    target's host name must be one the server's certificate names. `channel`: use this channel
+    instead (not closed by `close`; the TLS options do not apply to it).
+
+    Raises:
+        ValueError: `channel` together with TLS options, `credentials` together with TLS files,
+            or only one of `tls_cert` / `tls_key`.
+        OSError: a TLS file cannot be read.
+    """
 
     def __init__(
         self,
@@ -231,9 +287,19 @@ class GatewayClient:
         api_key: str | None = None,
         timeout_s: float = 120.0,
         channel: grpc.Channel | None = None,
+        tls: bool = False,
+        tls_ca: PathLike | None = None,
+        tls_cert: PathLike | None = None,
+        tls_key: PathLike | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
-        self._channel = channel or grpc.insecure_channel(target)
+        secure = _credentials(tls, tls_ca, tls_cert, tls_key, credentials)
+        if channel is not None and secure is not None:
+            raise ValueError("TLS options apply to the client's own channel; configure the given channel instead")
         self._owns_channel = channel is None
+        if channel is None:
+            channel = grpc.insecure_channel(target) if secure is None else grpc.secure_channel(target, secure)
+        self._channel = channel
         self._stub = pb_grpc.LLMGatewayServiceStub(self._channel)
         self._metadata = _metadata(api_key)
         self._timeout_s = timeout_s
@@ -308,10 +374,29 @@ class GatewayClient:
 
 
 class AsyncGatewayClient:
-    """asyncio client (grpc.aio). `timeout_s` is the deadline of each call, seconds."""
+    """asyncio client (grpc.aio). `timeout_s` is the deadline of each call, seconds.
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, api_key: str | None = None, timeout_s: float = 120.0) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
+    TLS options as for `GatewayClient`: `tls`, `tls_ca`, `tls_cert` + `tls_key`, or `credentials`.
+
+    Raises:
+        ValueError: `credentials` together with TLS files, or only one of `tls_cert` / `tls_key`.
+        OSError: a TLS file cannot be read.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        api_key: str | None = None,
+        timeout_s: float = 120.0,
+        tls: bool = False,
+        tls_ca: PathLike | None = None,
+        tls_cert: PathLike | None = None,
+        tls_key: PathLike | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        secure = _credentials(tls, tls_ca, tls_cert, tls_key, credentials)
+        self._channel = grpc.aio.insecure_channel(target) if secure is None else grpc.aio.secure_channel(target, secure)
         self._stub = pb_grpc.LLMGatewayServiceStub(self._channel)
         self._metadata = _metadata(api_key)
         self._timeout_s = timeout_s

@@ -1,0 +1,70 @@
+"""Request validation at the boundary, before anything is counted, reserved or cached.
+
+Runs right after authentication: an undecodable body (`transport.decoding.MalformedRequest`) is
+INVALID_ARGUMENT / MALFORMED_REQUEST; an invalid Chat, ChatStream, Embed, CountTokens or
+ListModels request is INVALID_ARGUMENT / INVALID_REQUEST with every field violation
+(`transport.validation`). So the rate limiter never reserves tokens for a request that cannot
+run (a negative `max_output_tokens` once reserved a negative amount and poisoned the key's
+tokens-per-minute window), and the cache never keys an invalid request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+from llm_gateway.v1 import llm_gateway_pb2 as pb
+
+from ..errors import GatewayError, malformed_request
+from ..transport import validation
+from ..transport.call_record import current_call
+from ..transport.decoding import MalformedRequest
+from ..transport.status import abort
+from .base import GatewayInterceptor, StreamBehavior, UnaryBehavior
+
+_CHECKS: dict[type[Any], Callable[[Any], None]] = {
+    pb.ChatRequest: validation.check_chat,
+    pb.ChatStreamRequest: validation.check_chat,
+    pb.EmbedRequest: validation.check_embed,
+    pb.CountTokensRequest: validation.check_count_tokens,
+    pb.ListModelsRequest: validation.check_list_models,
+}
+
+
+def check(request: object) -> None:
+    """Validates one request of the gateway service.
+
+    Raises:
+        GatewayError: MALFORMED_REQUEST for an undecodable body, INVALID_REQUEST for invalid fields.
+    """
+    if isinstance(request, MalformedRequest):
+        raise malformed_request(request.message_type, request.detail, request.size)
+    checker = _CHECKS.get(type(request))
+    if checker is not None:
+        checker(request)
+
+
+class ValidationInterceptor(GatewayInterceptor):
+    """Refuses malformed and invalid requests (see module docstring)."""
+
+    async def _check(self, context: grpc.aio.ServicerContext[Any, Any], request: object) -> None:
+        try:
+            check(request)
+        except GatewayError as error:
+            record = current_call.get()
+            await abort(context, error, record.request_id if record else "")
+
+    async def unary(
+        self, inner: UnaryBehavior, request: Any, context: grpc.aio.ServicerContext[Any, Any], method: str
+    ) -> Any:
+        await self._check(context, request)
+        return await inner(request, context)
+
+    async def stream(
+        self, inner: StreamBehavior, request: Any, context: grpc.aio.ServicerContext[Any, Any], method: str
+    ) -> AsyncIterator[Any]:
+        await self._check(context, request)
+        async for item in inner(request, context):
+            yield item
