@@ -4,13 +4,15 @@ and exactly one ErrorInfo, and no request can hurt another."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 import pytest
 from google.protobuf import struct_pb2
 
 from llm_gateway.v1 import llm_gateway_pb2 as pb
 
-from .conftest import Gateway, rich_error
+from .conftest import Gateway, rich_error, user
 
 SERVICE = "/llm_gateway.v1.LLMGatewayService/"
 
@@ -52,3 +54,83 @@ async def test_undecodable_requests_are_invalid_argument(gateway: Gateway, metho
     assert error.info.metadata["request_bytes"] == str(len(body))
     # the server is fine and the next normal call works
     await gateway.stub.ListModels(pb.ListModelsRequest(page_size=1))
+
+
+def _status_bytes(error: grpc.aio.AioRpcError) -> int:
+    return len(next(v for k, v in error.trailing_metadata() or () if k == "grpc-status-details-bin"))
+
+
+async def test_a_thousand_violations_fit_in_the_status(gateway: Gateway) -> None:
+    """Before: ~48 KB of BadRequest; the client saw RESOURCE_EXHAUSTED "Stream removed"."""
+    tools = [pb.Tool(name=f"bad name {i}!") for i in range(1000)]
+    request = pb.ChatRequest(model="m", messages=[user("hi")], tools=tools)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Chat(request)
+    error = rich_error(caught.value)
+    assert (error.code, error.info.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST")
+    assert error.bad_request is not None and 0 < len(error.bad_request.field_violations) <= 20
+    listed = len(error.bad_request.field_violations)
+    assert int(error.info.metadata["violations_omitted"]) == 1001 - listed  # 1000 names + "at most 128 tools"
+    assert _status_bytes(caught.value) <= 4096
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(lambda stub: stub.GetModel(pb.GetModelRequest(name="models/" + "m" * 100_000)), id="get-model"),
+        pytest.param(
+            lambda stub: stub.Chat(
+                pb.ChatRequest(model="m", messages=[user("hi")], routing=pb.RoutingOptions(provider="p" * 100_000))
+            ),
+            id="routing-provider",
+        ),
+        pytest.param(
+            lambda stub: stub.Chat(pb.ChatRequest(model="é" * 100_000, messages=[user("hi")])), id="model-unicode"
+        ),
+    ],
+)
+async def test_huge_echoed_values_are_clipped(gateway: Gateway, call: Any) -> None:
+    """Before: a 100,000-character name echoed in the message and ErrorInfo: "Stream removed"."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call(gateway.stub)
+    error = rich_error(caught.value)
+    assert error.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
+    assert _status_bytes(caught.value) <= 4096
+    assert len(error.message.encode()) <= 512
+    assert all(len(v) <= 256 for v in error.info.metadata.values())
+
+
+async def test_count_tokens_on_a_million_characters(gateway: Gateway) -> None:
+    """Before: INTERNAL (bpe_openai "Input too long to encode safely"); Chat with it was fine."""
+    text = "lorem ipsum dolor sit amet " * 40_000  # 1,080,000 characters
+    reply = await gateway.stub.CountTokens(pb.CountTokensRequest(model="gpt-4o-mini", messages=[user(text)]))
+    assert reply.method == pb.TOKEN_COUNT_METHOD_TOKENIZER
+    assert 150_000 < reply.input_tokens < 300_000
+
+
+async def test_embed_inputs_times_dimensions_is_bounded(gateway: Gateway, openai_upstream: Any) -> None:
+    """Before: 2048 inputs x 16384 dimensions was valid; ~20 s and ~0.5 GB later the gateway failed
+    with "Sent message larger than max" and no ErrorInfo. Now refused before any upstream call."""
+    request = pb.EmbedRequest(model="text-embedding-3-small", inputs=["x"] * 2048, dimensions=16384)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Embed(request)
+    error = rich_error(caught.value)
+    assert (error.code, error.info.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST")
+    assert error.bad_request is not None and error.bad_request.field_violations[0].field == "dimensions"
+    assert "4194304" in error.bad_request.field_violations[0].description
+    assert not openai_upstream.calls("/embeddings")
+
+
+async def test_an_embed_answer_past_the_message_limit_is_refused_with_its_reason(
+    make_gateway: Any, openai_upstream: Any
+) -> None:
+    """Without `dimensions` the answer's size is known only once it arrives: past
+    max_message_bytes it is INVALID_ARGUMENT naming the limit, not "Sent message larger than max"."""
+    env = {"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": openai_upstream.base_url}
+    gateway = await make_gateway(env, max_message_bytes=4096)
+    request = pb.EmbedRequest(model="text-embedding-3-small", inputs=["x"] * 400)  # 400 x 4 floats
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await gateway.stub.Embed(request)
+    error = rich_error(caught.value)
+    assert (error.code, error.info.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST")
+    assert "max_message_bytes (4096)" in error.bad_request.field_violations[0].description  # type: ignore[union-attr]

@@ -174,7 +174,9 @@ def build_application(settings: Settings, environ: Mapping[str, str]) -> Applica
     resolver = Resolver(catalog, registry, settings.aliases)
     router = Router(catalog, resolver, executor, states, fallback_to_equivalents=settings.fallback_to_equivalents)
     directory = ModelDirectory(catalog, registry, ttl_s=settings.models_list_ttl_s, states=states)
-    servicer = LLMGatewayServicer(router, directory, settings.default_deadline_s, settings.stream_coalescing)
+    servicer = LLMGatewayServicer(
+        router, directory, settings.default_deadline_s, settings.stream_coalescing, settings.max_message_bytes
+    )
     metrics = Metrics() if settings.metrics_port else None
     if metrics is not None:
         gauge = metrics.breaker

@@ -1,18 +1,29 @@
-"""`llm-gateway` command line: `llm-gateway serve [--host H] [--port N] [--config FILE]`."""
+"""`llm-gateway` command line: `llm-gateway serve [--host H] [--port N] [--config FILE] [--workers N]`.
+
+Exit status: 0 after a clean drain; 1 when a `--workers` worker keeps crashing or did not drain
+cleanly; 2 when the gateway cannot start (invalid configuration, a port that cannot be bound),
+with one line per problem on stderr and no traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .app import serve
-from .config import ConfigError, load_settings
+from . import app
+from .config import ConfigError, Settings, load_settings
 from .interceptors.auth import hash_key
 from .telemetry.logging import configure_logging
-from .workers import run_workers
+from .telemetry.metrics import MetricsBindError
+from .transport.server import BindError
+from .workers import SupervisorChannel, run_workers
+
+_GRPC_SETTING = "port / --port / LLM_GATEWAY_PORT"
+_METRICS_SETTING = "metrics_port / LLM_GATEWAY_METRICS_PORT"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -28,16 +39,88 @@ def _parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=1,
-        help="worker processes sharing the port with SO_REUSEPORT (default 1); worker i serves metrics "
-        "on metrics_port + i",
+        help="worker processes sharing the port with SO_REUSEPORT, supervised and restarted when they "
+        "exit (default 1); worker i serves metrics on metrics_port + i",
     )
     commands.add_parser("hash-key", help="read an API key on stdin, print its key_sha256 for the config file")
     return parser
 
 
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _reason(error: OSError) -> str:
+    text = error.strerror or str(error)
+    return text[:1].lower() + text[1:]
+
+
+def _bind_problem(host: str, port: int, *, reuse_port: bool) -> str | None:
+    """Why gRPC could not bind host:port (tried with a throwaway socket, as gRPC binds: with
+    SO_REUSEADDR, and SO_REUSEPORT when the gateway uses it), or None when it can."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        return _reason(exc)
+    problem: str | None = None
+    for family, kind, proto, _, address in addresses:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuse_port and hasattr(socket, "SO_REUSEPORT"):
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                probe.bind(address)
+        except OSError as exc:
+            problem = problem or _reason(exc)
+        else:
+            return None  # gRPC serves when it binds at least one of the resolved addresses
+    return problem
+
+
+def _cannot_bind(host: str, port: int, setting: str, reason: str) -> str:
+    return f"cannot bind {_address(host, port)} ({setting}): {reason}"
+
+
+def _metrics_setting(channel: SupervisorChannel | None) -> str:
+    if channel is None or channel.index == 0:
+        return _METRICS_SETTING
+    return f"{_METRICS_SETTING}, + {channel.index} for worker {channel.index}"
+
+
+def _fail(problem: str, channel: SupervisorChannel | None) -> int:
+    """Reports a start failure (to the supervisor when this is a worker) and returns status 2."""
+    if channel is None or not channel.failed(problem):
+        print(f"llm-gateway: {problem}", file=sys.stderr)
+    return 2
+
+
+async def _serve(settings: Settings, channel: SupervisorChannel | None) -> None:
+    """`app.serve`; a worker also tells its supervisor when it serves (`SupervisorChannel.ready`).
+
+    `app.serve` takes no readiness callback yet, so a worker wraps `app.start_server` (which
+    `app.serve` calls) for the life of this call; readiness is reported from the loop's next turn,
+    once `app.serve` has installed its signal handlers.
+    """
+    if channel is None:
+        await app.serve(settings)
+        return
+    start_server = app.start_server
+
+    async def start_and_report(settings: Settings, environ: Mapping[str, str] | None = None) -> app.RunningServer:
+        running = await start_server(settings, environ)
+        asyncio.get_running_loop().call_soon(channel.ready)
+        return running
+
+    app.start_server = start_and_report
+    try:
+        await app.serve(settings)
+    finally:
+        app.start_server = start_server
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `llm-gateway` console script; returns the process exit status
-    (0 after a clean drain, 2 for invalid configuration)."""
+    """Entry point of the `llm-gateway` console script; returns the process exit status (module
+    docstring)."""
     args = _parser().parse_args(argv)
     if args.command == "hash-key":
         key = sys.stdin.readline().strip()
@@ -46,12 +129,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         print(hash_key(key))
         return 0
+    channel = SupervisorChannel.from_environment()  # set when this process is a --workers worker
     try:
         settings = load_settings(args.config, overrides={"host": args.host, "port": args.port})
     except ConfigError as exc:
-        print(f"llm-gateway: invalid configuration:\n{exc}", file=sys.stderr)
-        return 2
+        return _fail(f"invalid configuration:\n{exc}", channel)
     configure_logging(settings.log_level, settings.log_file)
+    # A busy gRPC port is found before gRPC tries it (gRPC's own error is a C-core log line and a
+    # RuntimeError); BindError below still covers a port taken in between.
+    reuse_port = settings.reuse_port and args.workers <= 1  # the supervisor checks that no one else holds it
+    problem = _bind_problem(settings.host, settings.port, reuse_port=reuse_port) if settings.port else None
+    if problem is not None:
+        return _fail(_cannot_bind(settings.host, settings.port, _GRPC_SETTING, problem), channel)
     if args.workers > 1:
         return run_workers(args.workers, argv if argv is not None else sys.argv[1:], settings)
     if settings.event_loop == "uvloop":
@@ -62,10 +151,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             uvloop.install()
     try:
-        asyncio.run(serve(settings))
+        asyncio.run(_serve(settings, channel))
     except ConfigError as exc:
-        print(f"llm-gateway: invalid configuration:\n{exc}", file=sys.stderr)
-        return 2
+        return _fail(f"invalid configuration:\n{exc}", channel)
+    except BindError:
+        reason = _bind_problem(settings.host, settings.port, reuse_port=settings.reuse_port)
+        return _fail(_cannot_bind(settings.host, settings.port, _GRPC_SETTING, reason or "gRPC could not bind it"), channel)
+    except MetricsBindError as exc:
+        return _fail(_cannot_bind(exc.host, exc.port, _metrics_setting(channel), _reason(exc)), channel)
     return 0
 
 

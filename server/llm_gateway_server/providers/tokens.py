@@ -62,6 +62,27 @@ def _encoding(name: str) -> bpe_openai.Encoding:
     return bpe_openai.get_encoding(name)
 
 
+# bpe-openai refuses to encode very long inputs at once ("Input too long to encode safely");
+# longer texts are encoded in pieces cut at whitespace (BPE pieces start at a space, so the sum is
+# the whole text's count, or within a token per cut where a piece has no whitespace to cut at).
+_PIECE_CHARS = 50_000
+
+
+def _encoded_len(encoding: bpe_openai.Encoding, text: str) -> int:
+    """Tokens of `text` under `encoding`, for any length."""
+    if len(text) <= _PIECE_CHARS:
+        return len(encoding.encode(text))
+    total, start = 0, 0
+    while start < len(text):
+        end = min(start + _PIECE_CHARS, len(text))
+        if end < len(text):
+            cut = max(text.rfind(" ", start + 1, end), text.rfind("\n", start + 1, end))
+            end = cut if cut > start else end
+        total += len(encoding.encode(text[start:end]))
+        start = end
+    return total
+
+
 def count_with_tokenizer(request: ChatRequest, model: str, provider: str) -> TokenCount | None:
     """Exact text-token count for OpenAI-family models (None for other models). Images are not
     counted (their cost depends on size and detail); tool definitions count as their JSON text."""
@@ -71,16 +92,15 @@ def count_with_tokenizer(request: ChatRequest, model: str, provider: str) -> Tok
     encoding = _encoding(name)
     total = _OPENAI_REPLY_PRIMING
     for message in request.messages:
-        total += (
-            _OPENAI_TOKENS_PER_MESSAGE + len(encoding.encode(message.role.value)) + len(encoding.encode(message.text))
-        )
+        total += _OPENAI_TOKENS_PER_MESSAGE + _encoded_len(encoding, message.role.value)
+        total += _encoded_len(encoding, message.text)
         for call in message.tool_calls:
-            total += len(encoding.encode(call.name)) + len(encoding.encode(call.arguments))
+            total += _encoded_len(encoding, call.name) + _encoded_len(encoding, call.arguments)
         if message.name:
-            total += _OPENAI_TOKENS_PER_NAME + len(encoding.encode(message.name))
+            total += _OPENAI_TOKENS_PER_NAME + _encoded_len(encoding, message.name)
     tools = _tools_text(request)
     if tools:
-        total += len(encoding.encode(tools))
+        total += _encoded_len(encoding, tools)
     return TokenCount(total, TokenCountMethod.TOKENIZER, tokenizer=name, model=model, provider=provider)
 
 

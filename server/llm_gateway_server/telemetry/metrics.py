@@ -16,6 +16,16 @@ _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
 BREAKER_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
 
 
+class MetricsBindError(OSError):
+    """The metrics HTTP server cannot bind `host:port`; `strerror` says why (an `OSError`, as
+    prometheus-client raises, with the address the command line reports)."""
+
+    def __init__(self, host: str, port: int, cause: OSError) -> None:
+        super().__init__(cause.errno, cause.strerror or str(cause))
+        self.host = host
+        self.port = port
+
+
 class Metrics:
     """The gateway's metrics. Names are prefixed `llm_gateway_`; units in the names (seconds, USD)."""
 
@@ -90,8 +100,15 @@ class Metrics:
         self._server: Any = None
 
     def serve(self, host: str, port: int) -> None:
-        """Starts the HTTP exposition server (`/metrics`) on host:port."""
-        self._server, _ = start_http_server(port, addr=host, registry=self.registry)
+        """Starts the HTTP exposition server (`/metrics`) on host:port.
+
+        Raises:
+            MetricsBindError: host:port cannot be bound (in use, not a local address, ...).
+        """
+        try:
+            self._server, _ = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise MetricsBindError(host, port, exc) from exc
 
     def stop(self) -> None:
         """Stops the HTTP server."""

@@ -21,7 +21,7 @@ import structlog
 from llm_gateway.v1 import llm_gateway_pb2 as pb
 from llm_gateway.v1 import llm_gateway_pb2_grpc as pb_grpc
 
-from ..errors import GatewayError, internal_error
+from ..errors import FieldViolation, GatewayError, internal_error, invalid_request
 from ..routing.context import CallContext
 from ..routing.directory import ModelDirectory
 from ..routing.router import Router
@@ -31,6 +31,7 @@ from .coalesce import coalesced
 from .status import abort
 
 log = structlog.get_logger(__name__)
+_BYTES_PER_FLOAT = 4  # a packed float32 in EmbedResponse
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -94,15 +95,23 @@ class LLMGatewayServicer(pb_grpc.LLMGatewayServiceServicer):  # type: ignore[mis
         default_deadline_s: bound on a call whose client set no deadline, seconds.
         coalesce_deltas: merge the stream deltas already waiting when the next message is
             written (see `transport.coalesce`).
+        max_response_bytes: the largest answer the server may send (`max_message_bytes`); an
+            Embed answer past it is refused with INVALID_ARGUMENT naming the limit.
     """
 
     def __init__(
-        self, router: Router, models: ModelDirectory, default_deadline_s: float, coalesce_deltas: bool = True
+        self,
+        router: Router,
+        models: ModelDirectory,
+        default_deadline_s: float,
+        coalesce_deltas: bool = True,
+        max_response_bytes: int = 32 * 1024 * 1024,
     ) -> None:
         self.router = router
         self.models = models
         self.default_deadline_s = default_deadline_s
         self.coalesce_deltas = coalesce_deltas
+        self.max_response_bytes = max_response_bytes
 
     @_rpc
     async def Chat(
@@ -132,6 +141,17 @@ class LLMGatewayServicer(pb_grpc.LLMGatewayServiceServicer):  # type: ignore[mis
     ) -> pb.EmbedResponse:
         """Embeddings."""
         response = await self.router.embed(convert.embed_request_in(request), ctx)
+        values = sum(len(v) for v in response.vectors)
+        if values * _BYTES_PER_FLOAT > self.max_response_bytes:
+            raise invalid_request(
+                [
+                    FieldViolation(
+                        "inputs",
+                        f"the answer holds {values} values (~{values * _BYTES_PER_FLOAT} bytes), more than "
+                        f"max_message_bytes ({self.max_response_bytes}); send fewer inputs or set dimensions",
+                    )
+                ]
+            )
         return convert.embed_response_out(response)
 
     @_rpc

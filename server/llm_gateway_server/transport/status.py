@@ -17,41 +17,72 @@ from ..errors import ERROR_DOMAIN, GatewayError
 from .call_record import current_call
 
 
-def to_status(error: GatewayError, request_id: str) -> grpc.Status:
-    """Builds the rich status for `error`; `request_id` goes into ErrorInfo.metadata."""
-    details: list[any_pb2.Any] = []
-    info = error_details_pb2.ErrorInfo(
-        reason=error.reason.value, domain=ERROR_DOMAIN, metadata={**error.metadata, "request_id": request_id}
-    )
+# Bounds on what a status echoes, so the whole `google.rpc.Status` (and the `grpc-message`
+# header) stays far below the 8-16 KiB of trailing metadata default gRPC clients accept: past it a
+# client sees RESOURCE_EXHAUSTED "Stream removed" instead of the error.
+MAX_STATUS_BYTES = 3072  # the serialized google.rpc.Status (base64 in the trailer: ~4 KiB)
+MAX_MESSAGE_BYTES = 512  # the status message, UTF-8 (percent-encoded in `grpc-message`)
+MAX_VALUE_CHARS = 256  # each ErrorInfo metadata value, violation field and description
+MAX_VIOLATIONS = 20  # BadRequest field violations listed
+
+
+def _clip(text: str, limit: int = MAX_VALUE_CHARS) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _clip_bytes(text: str, limit: int) -> str:
+    raw = text.encode()
+    if len(raw) <= limit:
+        return text
+    return raw[: limit - 3].decode(errors="ignore") + "…"
+
+
+def _pack(message: object) -> any_pb2.Any:
     packed = any_pb2.Any()
-    packed.Pack(info)
-    details.append(packed)
+    packed.Pack(message)  # type: ignore[arg-type]
+    return packed
+
+
+def _build(error: GatewayError, request_id: str, violations: int) -> status_pb2.Status:
+    """The status with at most `violations` field violations (the rest counted, not listed)."""
+    listed = error.violations[:violations]
+    metadata = {_clip(k, 64): _clip(v) for k, v in error.metadata.items()}
+    if len(listed) < len(error.violations):
+        metadata["violations_omitted"] = str(len(error.violations) - len(listed))
+    metadata["request_id"] = request_id
+    details = [_pack(error_details_pb2.ErrorInfo(reason=error.reason.value, domain=ERROR_DOMAIN, metadata=metadata))]
     if error.retry_after_s is not None:
-        seconds = max(error.retry_after_s, 0.0)
-        retry = error_details_pb2.RetryInfo(
-            retry_delay=duration_pb2.Duration(seconds=int(seconds), nanos=int((seconds % 1) * 1e9))
-        )
-        packed = any_pb2.Any()
-        packed.Pack(retry)
-        details.append(packed)
+        seconds = min(max(error.retry_after_s, 0.0), 86_400.0)
+        delay = duration_pb2.Duration(seconds=int(seconds), nanos=int((seconds % 1) * 1e9))
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     if error.quota:
-        quota = error_details_pb2.QuotaFailure(
-            violations=[error_details_pb2.QuotaFailure.Violation(subject=s, description=d) for s, d in error.quota]
-        )
-        packed = any_pb2.Any()
-        packed.Pack(quota)
-        details.append(packed)
-    if error.violations:
-        bad = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                for v in error.violations
-            ]
-        )
-        packed = any_pb2.Any()
-        packed.Pack(bad)
-        details.append(packed)
-    status = status_pb2.Status(code=code_pb2.Code.Value(error.code.name), message=error.message, details=details)
+        quota = [
+            error_details_pb2.QuotaFailure.Violation(subject=_clip(s), description=_clip(d))
+            for s, d in error.quota[:MAX_VIOLATIONS]
+        ]
+        details.append(_pack(error_details_pb2.QuotaFailure(violations=quota)))
+    if listed:
+        fields = [
+            error_details_pb2.BadRequest.FieldViolation(field=_clip(v.field), description=_clip(v.description))
+            for v in listed
+        ]
+        details.append(_pack(error_details_pb2.BadRequest(field_violations=fields)))
+    message = _clip_bytes(error.message, MAX_MESSAGE_BYTES)
+    return status_pb2.Status(code=code_pb2.Code.Value(error.code.name), message=message, details=details)
+
+
+def to_status(error: GatewayError, request_id: str) -> grpc.Status:
+    """Builds the rich status for `error`; `request_id` goes into ErrorInfo.metadata.
+
+    Every echoed value is clipped (`MAX_VALUE_CHARS`, `MAX_MESSAGE_BYTES`) and at most
+    `MAX_VIOLATIONS` field violations are listed — fewer when needed to keep the serialized status
+    within `MAX_STATUS_BYTES`; ErrorInfo.metadata `violations_omitted` says how many were left out.
+    """
+    violations = min(len(error.violations), MAX_VIOLATIONS)
+    status = _build(error, request_id, violations)
+    while violations and status.ByteSize() > MAX_STATUS_BYTES:
+        violations //= 2
+        status = _build(error, request_id, violations)
     return rpc_status.to_status(status)
 
 

@@ -24,6 +24,8 @@ MAX_METADATA_ENTRIES = 16
 MAX_METADATA_CHARS = 256
 MAX_END_USER_CHARS = 256
 MAX_EMBED_INPUTS = 2048
+MAX_EMBED_INPUT_CHARS = 8_000_000  # all inputs of one Embed call together
+MAX_EMBED_VALUES = 4_194_304  # inputs x dimensions: 16 MiB of float32 in the answer
 MAX_OUTPUT_TOKENS = 1_000_000
 MAX_TTL_SECONDS = 30 * 24 * 3600
 MAX_PAGE_SIZE = 1000
@@ -187,8 +189,19 @@ def check_embed(request: pb.EmbedRequest) -> None:
     for i, text in enumerate(request.inputs):
         if not text:
             v.append(FieldViolation(f"inputs[{i}]", "must not be empty"))
-    if request.HasField("dimensions") and not 1 <= request.dimensions <= 16384:
-        v.append(FieldViolation("dimensions", "must be in [1, 16384]"))
+    if sum(len(t) for t in request.inputs) > MAX_EMBED_INPUT_CHARS:
+        v.append(FieldViolation("inputs", f"at most {MAX_EMBED_INPUT_CHARS} characters in all"))
+    if request.HasField("dimensions"):
+        if not 1 <= request.dimensions <= 16384:
+            v.append(FieldViolation("dimensions", "must be in [1, 16384]"))
+        elif len(request.inputs) * request.dimensions > MAX_EMBED_VALUES:
+            v.append(
+                FieldViolation(
+                    "dimensions",
+                    f"inputs x dimensions is {len(request.inputs) * request.dimensions}; at most {MAX_EMBED_VALUES} "
+                    "values per call (send fewer inputs or fewer dimensions)",
+                )
+            )
     if v:
         raise invalid_request(v)
 
