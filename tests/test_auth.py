@@ -77,6 +77,25 @@ async def test_rejected_keys(
     assert not openai_upstream.requests
 
 
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        pytest.param((("authorization", "Bearer wrong-key"), ("x-api-key", GOOD)), id="wrong-then-good"),
+        pytest.param((("x-api-key", GOOD), ("authorization", "Bearer wrong-key")), id="good-then-wrong"),
+        pytest.param((("authorization", f"Bearer {GOOD}"), ("authorization", f"Bearer {GOOD}")), id="good-twice"),
+    ],
+)
+async def test_ambiguous_credentials_are_refused(
+    secured: Gateway, openai_upstream: OpenAIEmulator, metadata: Any
+) -> None:
+    """Found from outside: the first credential won (wrong-then-good refused, good-then-wrong
+    admitted). The rule now: exactly one credential, else UNAUTHENTICATED."""
+    error = await expect_error(secured.stub.Chat(chat("m"), metadata=metadata))
+    assert (error.code, error.info.reason) == (grpc.StatusCode.UNAUTHENTICATED, "API_KEY_INVALID")
+    assert "more than one credential" in error.message
+    assert not openai_upstream.requests
+
+
 async def test_model_not_allowed(secured: Gateway, openai_upstream: OpenAIEmulator) -> None:
     error = await expect_error(secured.stub.Chat(chat("m"), metadata=bearer(OTHER)))
     assert (error.code, error.info.reason) == (grpc.StatusCode.PERMISSION_DENIED, "MODEL_NOT_ALLOWED")

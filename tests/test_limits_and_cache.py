@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -175,6 +176,56 @@ async def test_redis_dying_mid_run(
         "llm_gateway_state_backend_errors_total", {"component": "rate_limit", "action": action}
     )
     assert value == 1.0
+
+
+async def test_a_frozen_redis_is_skipped_after_a_few_timeouts(
+    make_gateway: GatewayFactory,
+    openai_upstream: OpenAIEmulator,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found from outside: with Redis frozen every fail-open call paid ~0.8 s of timeouts. A
+    circuit breaker on the state backend now skips Redis after 3 failures in a row (logged,
+    counted, health `state/rate_limit` NOT_SERVING) and tries it again after the cooldown."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from llm_gateway_server.config import BreakerSettings
+    from llm_gateway_server.state import redis_backend
+
+    monkeypatch.setattr(
+        redis_backend, "REDIS_BREAKER", BreakerSettings(consecutive_failures=3, min_calls=10**6, cooldown_s=1.0)
+    )
+    gateway = await _gateway(
+        make_gateway, openai_upstream, redis_server.url, rate_limits={"default_rpm": 1000, "fail_open": True}
+    )
+    health = health_pb2_grpc.HealthStub(gateway.channel)
+
+    async def state() -> int:
+        reply = await health.Check(health_pb2.HealthCheckRequest(service="state/rate_limit"))
+        return int(reply.status)
+
+    await gateway.stub.Chat(chat("m"))
+    assert await state() == health_pb2.HealthCheckResponse.SERVING
+    redis_server.process.send_signal(signal.SIGSTOP)
+    try:
+        slow = []
+        for i in range(3):  # each pays the Redis timeouts (0.25 s socket, 0.5 s overall)
+            started = time.monotonic()
+            await gateway.stub.Chat(chat("m", f"frozen {i}"))
+            slow.append(time.monotonic() - started)
+        fast = []
+        for i in range(5):
+            started = time.monotonic()
+            reply = await gateway.stub.Chat(chat("m", f"skipped {i}"))
+            fast.append(time.monotonic() - started)
+            assert reply.message.content[0].text == f"echo: skipped {i}"
+        assert min(slow) > 0.2 and max(fast) < 0.15, (slow, fast)
+        assert await state() == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    await asyncio.sleep(1.1)  # the cooldown: the next call is the trial, Redis answers
+    await gateway.stub.Chat(chat("m", "redis is back"))
+    assert await state() == health_pb2.HealthCheckResponse.SERVING
 
 
 # --- two gateway processes sharing one Redis ---------------------------------------------------

@@ -36,7 +36,7 @@ from .state.base import CacheBackend, RateLimitBackend
 from .state.memory import MemoryCache, MemoryRateLimits
 from .state.redis_backend import RedisCache, RedisRateLimits
 from .telemetry.metrics import BREAKER_STATE_VALUES, Metrics
-from .transport.health import BreakerHealth
+from .transport.health import BreakerHealth, watch_state_backends
 from .transport.server import GrpcServer, start_grpc
 from .transport.servicer import LLMGatewayServicer
 from .transport.tls import ServerTls, server_tls
@@ -252,6 +252,12 @@ async def start_server(settings: Settings, environ: Mapping[str, str] | None = N
     if application.metrics is not None:
         application.metrics.serve(settings.metrics_host, settings.metrics_port)
     application.states.subscribe(BreakerHealth(grpc_server.health, application.registry.names()).on_change)
+    redis_backends = {
+        "rate_limit" if isinstance(b, RedisRateLimits) else "cache": b.subscribe
+        for b in application.backends
+        if isinstance(b, RedisRateLimits | RedisCache)
+    }
+    await watch_state_backends(grpc_server.health, redis_backends)
     log.info(
         "server_started",
         address=f"{settings.host}:{grpc_server.port}",

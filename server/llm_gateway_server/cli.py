@@ -135,12 +135,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         return _fail(f"invalid configuration:\n{exc}", channel)
     configure_logging(settings.log_level, settings.log_file)
-    # A busy gRPC port is found before gRPC tries it (gRPC's own error is a C-core log line and a
-    # RuntimeError); BindError below still covers a port taken in between.
+    # Busy ports are found before the servers try them: gRPC's own error is a C-core log line and a
+    # RuntimeError, and a metrics port found busy only after gRPC started leaves that server to be
+    # collected noisily. BindError and MetricsBindError below still cover a port taken in between.
     reuse_port = settings.reuse_port and args.workers <= 1  # the supervisor checks that no one else holds it
     problem = _bind_problem(settings.host, settings.port, reuse_port=reuse_port) if settings.port else None
     if problem is not None:
         return _fail(_cannot_bind(settings.host, settings.port, _GRPC_SETTING, problem), channel)
+    if args.workers <= 1 and settings.metrics_port:  # a supervisor leaves metrics_port + i to worker i
+        problem = _bind_problem(settings.metrics_host, settings.metrics_port, reuse_port=False)
+        if problem is not None:
+            setting = _metrics_setting(channel)
+            return _fail(_cannot_bind(settings.metrics_host, settings.metrics_port, setting, problem), channel)
     if args.workers > 1:
         return run_workers(args.workers, argv if argv is not None else sys.argv[1:], settings)
     if settings.event_loop == "uvloop":
@@ -155,8 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         return _fail(f"invalid configuration:\n{exc}", channel)
     except BindError:
-        reason = _bind_problem(settings.host, settings.port, reuse_port=settings.reuse_port)
-        return _fail(_cannot_bind(settings.host, settings.port, _GRPC_SETTING, reason or "gRPC could not bind it"), channel)
+        reason = _bind_problem(settings.host, settings.port, reuse_port=settings.reuse_port) or "gRPC could not bind it"
+        return _fail(_cannot_bind(settings.host, settings.port, _GRPC_SETTING, reason), channel)
     except MetricsBindError as exc:
         return _fail(_cannot_bind(exc.host, exc.port, _metrics_setting(channel), _reason(exc)), channel)
     return 0

@@ -25,6 +25,7 @@ and is killed).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -181,7 +182,7 @@ class SupervisorChannel:
 # --- the supervisor ---------------------------------------------------------------------------
 
 
-class _Fatal(Exception):
+class _FatalError(Exception):
     """Stops the supervisor: `line` goes to stderr, `status` is the exit status."""
 
     def __init__(self, line: str, status: int) -> None:
@@ -218,7 +219,7 @@ class _Supervisor:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
         tasks = [asyncio.create_task(self._keep(index)) for index in range(self.count)]
-        fatal: _Fatal | None = None
+        fatal: _FatalError | None = None
         pending: set[asyncio.Task[None]] = set(tasks)
         while pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
@@ -226,11 +227,11 @@ class _Supervisor:
                 exc = task.exception()
                 if exc is None or fatal is not None:
                     continue
-                if isinstance(exc, _Fatal):
+                if isinstance(exc, _FatalError):
                     fatal = exc
                 else:
                     log.error("supervisor_error", exc_info=exc)
-                    fatal = _Fatal(f"llm-gateway: supervisor error: {exc!r}", 1)
+                    fatal = _FatalError(f"llm-gateway: supervisor error: {exc!r}", 1)
                 self._drain(signal.SIGTERM)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
@@ -265,10 +266,8 @@ class _Supervisor:
     @staticmethod
     def _signal(worker: _Worker, signum: int) -> None:
         if worker.process.returncode is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 worker.process.send_signal(signum)
-            except ProcessLookupError:
-                pass
 
     async def _spawn(self, index: int) -> _Worker:
         mine, theirs = socket.socketpair()
@@ -326,7 +325,7 @@ class _Supervisor:
         """Runs worker `index` until the supervisor drains, restarting it when it exits.
 
         Raises:
-            _Fatal: it failed its first start (status 2), or keeps failing fast (status 1).
+            _FatalError: it failed its first start (status 2), or keeps failing fast (status 1).
         """
         failures = 0
         first_start = True
@@ -360,12 +359,12 @@ class _Supervisor:
                 return
             if first_start:
                 log.error("worker_start_failed", **exit_fields, reason=reason)
-                raise _Fatal(f"llm-gateway: worker {index}: {reason}", 2)
+                raise _FatalError(f"llm-gateway: worker {index}: {reason}", 2)
             failures = self.policy.failures_after(failures, uptime_s)
             if self.policy.gives_up(failures):
                 log.warning("worker_exited", **exit_fields, uptime_s=round(uptime_s, 3), reason=last, restart_in_s=None)
                 log.error("worker_crash_loop", worker=index, failures=failures, last=last)
-                raise _Fatal(
+                raise _FatalError(
                     f"llm-gateway: worker {index} keeps crashing ({failures} exits in a row within "
                     f"{self.policy.stable_after_s:g} s of starting; last: {last}); stopping",
                     1,
@@ -379,10 +378,8 @@ class _Supervisor:
                 failures=failures,
                 restart_in_s=delay,
             )
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.draining.wait(), delay)
-            except TimeoutError:
-                pass
 
 
 def run_workers(count: int, argv: Sequence[str], settings: Settings, policy: RestartPolicy | None = None) -> int:

@@ -27,16 +27,28 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+class AmbiguousCredentialsError(ValueError):
+    """More than one credential was sent."""
+
+
 def presented_key(metadata: Sequence[tuple[str, Any]] | None) -> str | None:
-    """The key from `authorization: Bearer …` or `x-api-key`, or None."""
+    """The key from `authorization: Bearer …` or `x-api-key`, or None when neither is sent.
+
+    Raises:
+        AmbiguousCredentialsError: more than one credential (two `authorization` entries, or
+            both headers), even when they are equal: which one counts must never depend on order.
+    """
+    found: list[str] = []
     for name, value in metadata or ():
         if not isinstance(value, str):
             continue
-        if name == "authorization" and value[:7].lower() == "bearer ":
-            return value[7:].strip() or None
-        if name == "x-api-key":
-            return value.strip() or None
-    return None
+        if name == "authorization":
+            found.append(value[7:].strip() if value[:7].lower() == "bearer " else "")
+        elif name == "x-api-key":
+            found.append(value.strip())
+    if len(found) > 1:
+        raise AmbiguousCredentialsError
+    return found[0] or None if found else None
 
 
 def requested_models(request: object) -> list[str]:
@@ -54,7 +66,12 @@ class AuthInterceptor(GatewayInterceptor):
         self._by_hash = {k.key_sha256: k for k in keys}
 
     def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any], request: Any) -> ApiKeySettings:
-        key = presented_key(context.invocation_metadata())
+        try:
+            key = presented_key(context.invocation_metadata())
+        except AmbiguousCredentialsError:
+            raise api_key_invalid(
+                "more than one credential sent: send exactly one of `authorization: Bearer <key>` or `x-api-key`"
+            ) from None
         if key is None:
             raise api_key_invalid("missing API key: send `authorization: Bearer <key>` or `x-api-key`")
         digest = hash_key(key)

@@ -9,12 +9,17 @@ is bounded by the socket timeouts and an overall `asyncio.timeout`; failures rai
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import redis.asyncio as redis
+import structlog
 from redis.exceptions import RedisError
+
+from ..config import BreakerSettings
+from ..routing.breaker import BreakerState, CircuitBreaker  # pure state machine, shared with deployments
 
 from .base import (
     WINDOW_S,
@@ -27,6 +32,7 @@ from .base import (
 )
 
 T = TypeVar("T")
+log = structlog.get_logger(__name__)
 
 # KEYS: requests counter, tokens counter. ARGV: rpm (-1: none), tpm (-1: none), tokens, ttl ms.
 _ACQUIRE = """
@@ -65,26 +71,74 @@ def key(scope: str, *parts: object) -> str:
     return ":".join(["llmgw", "{" + scope + "}", *map(str, parts)])
 
 
+# A frozen or unreachable Redis costs every call its full timeout; after this many failures in a
+# row calls skip Redis (BackendUnavailableError at once: fail-open or fail-closed as configured)
+# for the cooldown, then one trial call decides.
+REDIS_BREAKER = BreakerSettings(consecutive_failures=3, failure_rate=1.0, min_calls=1_000_000, cooldown_s=5.0)
+BreakerListener = Callable[[BreakerState], None]
+
+
 class _Client:
-    def __init__(self, url: str, timeout_s: float) -> None:
+    """One Redis connection pool behind a circuit breaker (`REDIS_BREAKER`); `component` names it
+    in logs ("rate_limit", "cache")."""
+
+    def __init__(self, url: str, timeout_s: float, component: str) -> None:
         self.redis = redis.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry_on_timeout=False
         )
         self._timeout_s = timeout_s * 2
+        self._component = component
+        self._breaker = CircuitBreaker(REDIS_BREAKER)
+        self._state = BreakerState.CLOSED
+        self._listeners: list[BreakerListener] = []
+
+    def subscribe(self, listener: BreakerListener) -> None:
+        """Calls `listener(new_state)` on every breaker transition."""
+        self._listeners.append(listener)
+
+    def _moved(self, now: float) -> None:
+        state = self._breaker.state(now)
+        if state is self._state:
+            return
+        log.warning("state_backend_breaker", component=self._component, old=self._state.value, new=state.value)
+        self._state = state
+        for listener in self._listeners:
+            listener(state)
 
     async def run(self, call: Awaitable[T]) -> T:
+        """Awaits one Redis call within the timeout.
+
+        Raises:
+            BackendUnavailableError: Redis failed or timed out, or the breaker is open (then the
+                call is not sent at all).
+        """
+        now = time.monotonic()
+        if not self._breaker.try_acquire(now):
+            if inspect.iscoroutine(call):
+                call.close()  # never sent: no "coroutine was never awaited"
+            self._moved(now)
+            raise BackendUnavailableError(f"redis: skipped for up to {REDIS_BREAKER.cooldown_s:g}s after failures")
         try:
             async with asyncio.timeout(self._timeout_s):
-                return await call
+                result = await call
         except (RedisError, OSError, TimeoutError) as exc:
+            self._breaker.record(time.monotonic(), success=False)
+            self._moved(time.monotonic())
             raise BackendUnavailableError(f"redis: {type(exc).__name__}: {exc}") from exc
+        except BaseException:  # cancelled: no outcome, but a half-open trial slot to give back
+            self._breaker.release_trial(time.monotonic())
+            raise
+        self._breaker.record(time.monotonic(), success=True)
+        self._moved(time.monotonic())
+        return result
 
 
 class RedisRateLimits(RateLimitBackend):
     """Rate limits in Redis (see module docstring)."""
 
     def __init__(self, url: str, timeout_s: float) -> None:
-        self._client = _Client(url, timeout_s)
+        self._client = _Client(url, timeout_s, "rate_limit")
+        self.subscribe = self._client.subscribe
         self._acquire = self._client.redis.register_script(_ACQUIRE)
         self._reconcile = self._client.redis.register_script(_RECONCILE)
         self._open = self._client.redis.register_script(_OPEN_STREAM)
@@ -120,7 +174,8 @@ class RedisCache(CacheBackend):
     """The response cache in Redis: GET / SET with PX expiry."""
 
     def __init__(self, url: str, timeout_s: float) -> None:
-        self._client = _Client(url, timeout_s)
+        self._client = _Client(url, timeout_s, "cache")
+        self.subscribe = self._client.subscribe
 
     async def get(self, cache_key: str) -> bytes | None:
         value = await self._client.run(self._client.redis.get(cache_key))

@@ -5,8 +5,7 @@ mTLS: a client certificate is then required) and hands gRPC dynamic server crede
 (`grpc.dynamic_ssl_server_credentials`). gRPC calls the fetcher, `ServerTls.fetch`, before the
 TLS handshake of every new connection; it returns a new certificate configuration when
 
-- `reload()` loaded one (the SIGHUP handler in `app.serve` calls it), or `request_reload()` asked
-  for one (signal- and thread-safe: the next handshake loads the files), or
+- `reload()` loaded one (the SIGHUP handler in `app.serve` calls it), or
 - a file's modification time, size or inode changed since the last load (one `os.stat` per file
   per new connection; an atomic rename and a Kubernetes secret's symlink swap count as changes).
 
@@ -141,8 +140,12 @@ def _load(files: _Files) -> _Loaded:
 class ServerTls:
     """Dynamic TLS (or mTLS) server credentials from certificate files, reloadable while serving.
 
-    Thread-safe: `fetch` runs on gRPC's threads, `reload` / `request_reload` on any thread (and
-    `request_reload` from a signal handler).
+    Thread-safe: `fetch` runs on gRPC's threads, `reload` on any thread.
+
+    Attributes:
+        credentials: the `grpc.ServerCredentials` to bind the port with (`add_secure_port`).
+        mutual: True when `client_ca_file` is set (client certificates required).
+        reloads: how many times new files were loaded since start (for tests and logs).
     """
 
     def __init__(self, settings: TlsSettings) -> None:
@@ -164,7 +167,6 @@ class ServerTls:
         self._signature = loaded.signature
         self._failed_signature: _Signature | None = None
         self._pending: grpc.ServerCertificateConfiguration | None = None
-        self._reload_requested = False
         self.reloads = 0
         self.credentials: grpc.ServerCredentials = grpc.dynamic_ssl_server_credentials(
             loaded.configuration, self.fetch, require_client_authentication=self.mutual
@@ -180,10 +182,6 @@ class ServerTls:
         """Setting name → path of every file served (for logs)."""
         return {name: str(path) for name, path in self._files}
 
-    def request_reload(self) -> None:
-        """Asks for the files to be re-read at the next new connection's handshake (no I/O here)."""
-        self._reload_requested = True
-
     def reload(self) -> bool:
         """Re-reads the files now; new connections then get the new certificate.
 
@@ -192,33 +190,27 @@ class ServerTls:
             not (logged as `tls_reload_failed`; the previous certificate stays in use).
         """
         with self._lock:
-            self._reload_requested = False
             return self._reload_locked("explicit")
 
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
         """gRPC's certificate configuration fetcher, called before each new connection's handshake.
 
         Returns:
-            A new configuration after `reload()`, `request_reload()` or a file change; None to keep
-            the current one. Never raises.
+            A new configuration after `reload()` or a file change; None to keep the current one.
+            Never raises.
         """
         try:
             with self._lock:
                 if self._pending is not None:
                     pending, self._pending = self._pending, None
                     return pending
-                if self._reload_requested:
-                    self._reload_requested = False
-                    trigger = "requested"
-                else:
-                    try:
-                        current = _signature(self._files)
-                    except ConfigError:
-                        current = None  # mid-rotation (a file briefly missing): wait for it
-                    if current is None or current in (self._signature, self._failed_signature):
-                        return None
-                    trigger = "file_change"
-                if self._reload_locked(trigger):
+                try:
+                    current = _signature(self._files)
+                except ConfigError:
+                    return None  # mid-rotation (a file briefly missing): wait for it
+                if current in (self._signature, self._failed_signature):
+                    return None
+                if self._reload_locked("file_change"):
                     pending, self._pending = self._pending, None
                     return pending
                 return None
