@@ -4,6 +4,7 @@ and exactly one ErrorInfo, and no request can hurt another."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import grpc
@@ -134,3 +135,28 @@ async def test_an_embed_answer_past_the_message_limit_is_refused_with_its_reason
     error = rich_error(caught.value)
     assert (error.code, error.info.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST")
     assert "max_message_bytes (4096)" in error.bad_request.field_violations[0].description  # type: ignore[union-attr]
+
+
+async def test_calls_cut_at_the_end_of_the_drain_get_a_status(make_gateway: Any, openai_upstream: Any) -> None:
+    """Found from outside: a stream still running when the drain's grace period ended was dropped
+    with no `google.rpc.Status`. Now it (and a unary call) ends UNAVAILABLE / SERVER_SHUTTING_DOWN."""
+    env = {"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": openai_upstream.base_url}
+    gateway = await make_gateway(env, grace_period_s=1.0)
+    stream = gateway.stub.ChatStream(pb.ChatStreamRequest(model="stall-stream", messages=[user("hi")]))
+    first = await stream.read()
+    assert first.WhichOneof("event") == "delta"
+    unary = asyncio.ensure_future(gateway.stub.Chat(pb.ChatRequest(model="hang", messages=[user("hi")])))
+    await asyncio.sleep(0.2)
+    stopping = asyncio.ensure_future(gateway.running.stop())
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stream.read()
+    for error in (rich_error(caught.value), rich_error(await _failure(unary))):
+        assert (error.code, error.info.reason) == (grpc.StatusCode.UNAVAILABLE, "SERVER_SHUTTING_DOWN")
+        assert error.retry is not None
+    await stopping
+
+
+async def _failure(call: Any) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    return caught.value

@@ -172,6 +172,27 @@ async def test_rotated_certificate_is_served_after_a_file_change(
     assert gateway.running.tls is not None and gateway.running.tls.reloads == 1
 
 
+async def test_a_kubernetes_style_symlink_swap_is_a_file_change(
+    make_gateway: GatewayFactory, openai_upstream: OpenAIEmulator, tmp_path: Path
+) -> None:
+    # A Secret volume: tls.crt -> ..data/server.pem, ..data -> a version directory, swapped atomically.
+    old, new = Pki(trustme.CA(), tmp_path / "v1"), Pki(trustme.CA(), tmp_path / "v2")
+    for version in (old, new):
+        version.directory.mkdir()
+        issue_server_cert(version, version.ca)
+    (tmp_path / "..data").symlink_to("v1")
+    (tmp_path / "tls.crt").symlink_to("..data/server.pem")
+    (tmp_path / "tls.key").symlink_to("..data/server.key")
+    gateway = await make_gateway(
+        openai_env(openai_upstream), tls={"cert_file": str(tmp_path / "tls.crt"), "key_file": str(tmp_path / "tls.key")}
+    )
+    port = gateway.running.port
+    assert await chat_over(port, old.ca_file()) == "echo: over tls"
+    (tmp_path / "..data_tmp").symlink_to("v2")
+    os.replace(tmp_path / "..data_tmp", tmp_path / "..data")
+    assert await chat_over(port, new.ca_file()) == "echo: over tls"
+
+
 async def test_rotation_invisible_to_the_file_check_is_served_after_an_explicit_reload(
     make_gateway: GatewayFactory, openai_upstream: OpenAIEmulator, pki: Pki
 ) -> None:

@@ -307,10 +307,15 @@ def test_sigkilled_worker_is_restarted_and_sigterm_drains_all() -> None:
         _wait_until(lambda: _serving(port), 5, "health SERVING")
         elapsed = time.monotonic() - killed_at
         assert after[metrics_port] == before[metrics_port]  # worker 0 untouched
-        assert elapsed < 2.0, f"worker 1 served again after {elapsed:.2f} s"
         exits = _wait_until(lambda: lines.events("worker_exited"), 5, "the worker_exited log line")
         assert exits[0]["worker"] == 1 and exits[0]["pid"] == victim
         assert exits[0]["signal"] == "SIGKILL" and exits[0]["restart_in_s"] > 0
+        ready = [e for e in lines.events("worker_ready") if e["pid"] == after[metrics_port + 1]]
+        assert ready and ready[0]["worker"] == 1
+        # Within 2 s (~1.3 s idle). Most of it is the new worker's own start (imports, ~1.1 s idle), which a
+        # loaded machine stretches; the supervisor's share (exit seen, backoff, readiness) must stay small.
+        supervisor_s = elapsed - ready[0]["start_s"]
+        assert elapsed < 2.0 or supervisor_s < 0.75, f"served again after {elapsed:.2f} s ({supervisor_s:.2f} s ours)"
 
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=15) == 0, process.stderr.read() if process.stderr else ""

@@ -1,10 +1,10 @@
 """The composition root: builds every layer from `Settings` and serves it.
 
 catalog → provider registry → deployment states → executor → resolver → router → model
-directory → servicer; metrics; the interceptor chain (observability → auth → rate limit →
-cache, with validation after auth) and its state backends. `transport/server.py` only serves gRPC, health and reflection;
-this module is the one place that knows how the pieces fit and the one that reads the process
-environment (for the providers' standard variables).
+directory → servicer; metrics; the interceptor chain (observability → auth → validation → rate
+limit → cache) and its state backends. `transport/server.py` only serves gRPC, health and
+reflection; this module is the one place that knows how the pieces fit and the one that reads the
+process environment (for the providers' standard variables).
 """
 
 from __future__ import annotations
@@ -42,6 +42,9 @@ from .transport.servicer import LLMGatewayServicer
 from .transport.tls import ServerTls, server_tls
 
 log = structlog.get_logger(__name__)
+# How long before the end of the drain grace period the calls still running are cut with a status
+# (the status must reach the client before gRPC cancels what is left at the grace's end).
+_CUT_BEFORE_GRACE_END_S = 0.25
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
@@ -192,6 +195,7 @@ class RunningServer:
     grpc_server: GrpcServer
     application: Application
     tls: ServerTls | None = None
+    _stopped: bool = False
 
     @property
     def port(self) -> int:
@@ -217,8 +221,20 @@ class RunningServer:
         await self.grpc_server.server.wait_for_termination()
 
     async def stop(self) -> None:
-        """Drains the gRPC server (see `GrpcServer.stop`), then closes the application."""
-        await self.grpc_server.stop()
+        """Drains (see `GrpcServer.stop`): calls still running shortly before the grace period
+        ends are cut with UNAVAILABLE / SERVER_SHUTTING_DOWN and their `google.rpc.Status` (gRPC
+        itself would drop them with a bare CANCELLED); then closes the application. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace_s = self.grpc_server.grace_period_s
+        stopping = asyncio.ensure_future(self.grpc_server.stop())
+        done, _ = await asyncio.wait({stopping}, timeout=max(grace_s - _CUT_BEFORE_GRACE_END_S, 0.0))
+        if not done:
+            cut = self.application.servicer.cut_in_flight()
+            if cut:
+                log.warning("drain_cut_calls", calls=cut, grace_period_s=grace_s)
+        await stopping
         await self.application.aclose()
 
 
@@ -261,7 +277,7 @@ async def start_server(settings: Settings, environ: Mapping[str, str] | None = N
     log.info(
         "server_started",
         address=f"{settings.host}:{grpc_server.port}",
-        tls=tls.mode if tls is not None else "off",
+        tls=tls.mode if tls is not None else "plaintext",
         providers=list(application.registry.names()),
         catalog_models=len(application.catalog.all()),
         metrics=f"http://{settings.metrics_host}:{settings.metrics_port}/metrics" if application.metrics else "off",

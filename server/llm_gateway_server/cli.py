@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import socket
 import sys
 from collections.abc import Mapping, Sequence
@@ -22,8 +23,9 @@ from .telemetry.metrics import MetricsBindError
 from .transport.server import BindError
 from .workers import SupervisorChannel, run_workers
 
-_GRPC_SETTING = "port / --port / LLM_GATEWAY_PORT"
-_METRICS_SETTING = "metrics_port / LLM_GATEWAY_METRICS_PORT"
+# (the host setting, the port setting) a bind failure names: the host when the address is the problem
+_GRPC_SETTINGS = ("host / --host / LLM_GATEWAY_HOST", "port / --port / LLM_GATEWAY_PORT")
+_METRICS_SETTINGS = ("metrics_host / LLM_GATEWAY_METRICS_HOST", "metrics_port / LLM_GATEWAY_METRICS_PORT")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,14 +57,14 @@ def _reason(error: OSError) -> str:
     return text[:1].lower() + text[1:]
 
 
-def _bind_problem(host: str, port: int, *, reuse_port: bool) -> str | None:
-    """Why gRPC could not bind host:port (tried with a throwaway socket, as gRPC binds: with
-    SO_REUSEADDR, and SO_REUSEPORT when the gateway uses it), or None when it can."""
+def _bind_problem(host: str, port: int, *, reuse_port: bool) -> OSError | None:
+    """Why host:port cannot be bound (tried with a throwaway socket, bound as gRPC and
+    prometheus-client bind: SO_REUSEADDR, and SO_REUSEPORT when the gateway uses it), or None."""
     try:
         addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except OSError as exc:
-        return _reason(exc)
-    problem: str | None = None
+        return exc
+    problem: OSError | None = None
     for family, kind, proto, _, address in addresses:
         try:
             with socket.socket(family, kind, proto) as probe:
@@ -71,20 +73,21 @@ def _bind_problem(host: str, port: int, *, reuse_port: bool) -> str | None:
                     probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 probe.bind(address)
         except OSError as exc:
-            problem = problem or _reason(exc)
+            problem = problem or exc
         else:
             return None  # gRPC serves when it binds at least one of the resolved addresses
     return problem
 
 
-def _cannot_bind(host: str, port: int, setting: str, reason: str) -> str:
+def _cannot_bind(host: str, port: int, error: OSError | None, settings: tuple[str, str], worker: int = 0) -> str:
+    """`cannot bind H:P (the setting to change): reason`; `worker` i > 0 serves metrics on port + i."""
+    host_setting, port_setting = settings
+    if isinstance(error, socket.gaierror) or (error is not None and error.errno == errno.EADDRNOTAVAIL):
+        setting = host_setting
+    else:
+        setting = port_setting + (f", + {worker} for worker {worker}" if worker else "")
+    reason = _reason(error) if error is not None else "the address could not be bound"
     return f"cannot bind {_address(host, port)} ({setting}): {reason}"
-
-
-def _metrics_setting(channel: SupervisorChannel | None) -> str:
-    if channel is None or channel.index == 0:
-        return _METRICS_SETTING
-    return f"{_METRICS_SETTING}, + {channel.index} for worker {channel.index}"
 
 
 def _fail(problem: str, channel: SupervisorChannel | None) -> int:
@@ -141,12 +144,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     reuse_port = settings.reuse_port and args.workers <= 1  # the supervisor checks that no one else holds it
     problem = _bind_problem(settings.host, settings.port, reuse_port=reuse_port) if settings.port else None
     if problem is not None:
-        return _fail(_cannot_bind(settings.host, settings.port, _GRPC_SETTING, problem), channel)
+        return _fail(_cannot_bind(settings.host, settings.port, problem, _GRPC_SETTINGS), channel)
     if args.workers <= 1 and settings.metrics_port:  # a supervisor leaves metrics_port + i to worker i
         problem = _bind_problem(settings.metrics_host, settings.metrics_port, reuse_port=False)
         if problem is not None:
-            setting = _metrics_setting(channel)
-            return _fail(_cannot_bind(settings.metrics_host, settings.metrics_port, setting, problem), channel)
+            worker = channel.index if channel is not None else 0
+            line = _cannot_bind(settings.metrics_host, settings.metrics_port, problem, _METRICS_SETTINGS, worker)
+            return _fail(line, channel)
     if args.workers > 1:
         return run_workers(args.workers, argv if argv is not None else sys.argv[1:], settings)
     if settings.event_loop == "uvloop":
@@ -161,10 +165,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         return _fail(f"invalid configuration:\n{exc}", channel)
     except BindError:
-        reason = _bind_problem(settings.host, settings.port, reuse_port=settings.reuse_port) or "gRPC could not bind it"
-        return _fail(_cannot_bind(settings.host, settings.port, _GRPC_SETTING, reason), channel)
+        problem = _bind_problem(settings.host, settings.port, reuse_port=settings.reuse_port)
+        return _fail(_cannot_bind(settings.host, settings.port, problem, _GRPC_SETTINGS), channel)
     except MetricsBindError as exc:
-        return _fail(_cannot_bind(exc.host, exc.port, _metrics_setting(channel), _reason(exc)), channel)
+        worker = channel.index if channel is not None else 0
+        return _fail(_cannot_bind(exc.host, exc.port, exc, _METRICS_SETTINGS, worker), channel)
     return 0
 
 

@@ -55,6 +55,7 @@ class Reason(enum.StrEnum):
     PROVIDER_BAD_RESPONSE = "PROVIDER_BAD_RESPONSE"
     CIRCUIT_OPEN = "CIRCUIT_OPEN"
     RATE_LIMITER_UNAVAILABLE = "RATE_LIMITER_UNAVAILABLE"
+    SERVER_SHUTTING_DOWN = "SERVER_SHUTTING_DOWN"
     INTERNAL_ERROR = "INTERNAL_ERROR"
 
     @property
@@ -87,6 +88,7 @@ _CODES: Mapping[Reason, grpc.StatusCode] = {
     Reason.PROVIDER_BAD_RESPONSE: grpc.StatusCode.UNAVAILABLE,
     Reason.CIRCUIT_OPEN: grpc.StatusCode.UNAVAILABLE,
     Reason.RATE_LIMITER_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    Reason.SERVER_SHUTTING_DOWN: grpc.StatusCode.UNAVAILABLE,
     Reason.INTERNAL_ERROR: grpc.StatusCode.INTERNAL,
 }
 
@@ -401,6 +403,16 @@ def rate_limiter_unavailable() -> GatewayError:
         Reason.RATE_LIMITER_UNAVAILABLE,
         "the rate-limit backend is unavailable; try again shortly",
         retry_after_s=1.0,
+    )
+
+
+def server_shutting_down() -> GatewayError:
+    """UNAVAILABLE / SERVER_SHUTTING_DOWN: the drain's grace period ended before the call did;
+    another replica can take it at once (RetryInfo 0 s)."""
+    return GatewayError(
+        Reason.SERVER_SHUTTING_DOWN,
+        "the gateway is shutting down and its drain grace period ended before this call finished; retry it",
+        retry_after_s=0.0,
     )
 
 

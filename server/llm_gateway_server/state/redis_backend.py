@@ -20,7 +20,6 @@ from redis.exceptions import RedisError
 
 from ..config import BreakerSettings
 from ..routing.breaker import BreakerState, CircuitBreaker  # pure state machine, shared with deployments
-
 from .base import (
     WINDOW_S,
     BackendUnavailableError,

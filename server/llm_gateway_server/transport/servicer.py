@@ -21,7 +21,7 @@ import structlog
 from llm_gateway.v1 import llm_gateway_pb2 as pb
 from llm_gateway.v1 import llm_gateway_pb2_grpc as pb_grpc
 
-from ..errors import FieldViolation, GatewayError, internal_error, invalid_request
+from ..errors import FieldViolation, GatewayError, internal_error, invalid_request, server_shutting_down
 from ..routing.context import CallContext
 from ..routing.directory import ModelDirectory
 from ..routing.router import Router
@@ -46,7 +46,15 @@ def _rpc(handler: F) -> F:
         remaining = context.time_remaining()
         budget = self.default_deadline_s if remaining is None else min(remaining, self.default_deadline_s)
         deadline = asyncio.get_running_loop().time() + budget
+        task = asyncio.current_task()
+        if task is not None:
+            self._in_flight.add(task)
         return CallContext(request_id=record.request_id, deadline=deadline, outcome=record.outcome)
+
+    async def cancelled(self: LLMGatewayServicer, context: grpc.aio.ServicerContext, ctx: CallContext) -> None:
+        """A cancelled call: re-raised, unless the drain cut it (then it ends with a status)."""
+        if self.draining:
+            await abort(context, server_shutting_down(), ctx.request_id)
 
     async def fail(context: grpc.aio.ServicerContext, ctx: CallContext, exc: Exception) -> NoReturn:
         if isinstance(exc, GatewayError):  # the interceptor's rpc log line carries its details
@@ -66,9 +74,12 @@ def _rpc(handler: F) -> F:
                 async for item in handler(self, request, context, ctx):
                     yield item
             except asyncio.CancelledError:
+                await cancelled(self, context, ctx)
                 raise
             except Exception as exc:  # noqa: BLE001 - the one place that answers every failure
                 await fail(context, ctx, exc)
+            finally:
+                self._in_flight.discard(asyncio.current_task())
 
         return stream_wrapper  # type: ignore[return-value]
 
@@ -79,9 +90,12 @@ def _rpc(handler: F) -> F:
         try:
             return await handler(self, request, context, ctx)
         except asyncio.CancelledError:
+            await cancelled(self, context, ctx)
             raise
         except Exception as exc:  # noqa: BLE001 - the one place that answers every failure
             await fail(context, ctx, exc)
+        finally:
+            self._in_flight.discard(asyncio.current_task())
 
     return unary_wrapper  # type: ignore[return-value]
 
@@ -112,6 +126,18 @@ class LLMGatewayServicer(pb_grpc.LLMGatewayServiceServicer):  # type: ignore[mis
         self.default_deadline_s = default_deadline_s
         self.coalesce_deltas = coalesce_deltas
         self.max_response_bytes = max_response_bytes
+        self.draining = False
+        self._in_flight: set[asyncio.Task[Any]] = set()
+
+    def cut_in_flight(self) -> int:
+        """Ends every call still running (the end of a drain's grace period): each is answered
+        UNAVAILABLE / SERVER_SHUTTING_DOWN with its `google.rpc.Status` instead of being dropped
+        with a bare CANCELLED. Returns how many were cut."""
+        self.draining = True
+        tasks = [t for t in self._in_flight if not t.done()]
+        for task in tasks:
+            task.cancel("drain grace period over")
+        return len(tasks)
 
     @_rpc
     async def Chat(

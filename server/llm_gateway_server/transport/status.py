@@ -16,7 +16,6 @@ from grpc_status import rpc_status
 from ..errors import ERROR_DOMAIN, GatewayError
 from .call_record import current_call
 
-
 # Bounds on what a status echoes, so the whole `google.rpc.Status` (and the `grpc-message`
 # header) stays far below the 8-16 KiB of trailing metadata default gRPC clients accept: past it a
 # client sees RESOURCE_EXHAUSTED "Stream removed" instead of the error.

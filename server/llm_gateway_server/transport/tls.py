@@ -201,19 +201,14 @@ class ServerTls:
         """
         try:
             with self._lock:
-                if self._pending is not None:
-                    pending, self._pending = self._pending, None
-                    return pending
                 try:
-                    current = _signature(self._files)
+                    current: _Signature | None = _signature(self._files)
                 except ConfigError:
-                    return None  # mid-rotation (a file briefly missing): wait for it
-                if current in (self._signature, self._failed_signature):
-                    return None
-                if self._reload_locked("file_change"):
-                    pending, self._pending = self._pending, None
-                    return pending
-                return None
+                    current = None  # mid-rotation (a file briefly missing): wait for it
+                if current is not None and current not in (self._signature, self._failed_signature):
+                    self._reload_locked("file_change")  # on success, sets _pending
+                pending, self._pending = self._pending, None
+                return pending
         except Exception:  # the handshake must go on with the current certificate
             log.exception("tls_reload_failed", trigger="fetch")
             return None
