@@ -160,3 +160,28 @@ async def _failure(call: Any) -> grpc.aio.AioRpcError:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call
     return caught.value
+
+
+@pytest.mark.parametrize("number", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("where", ["tool", "schema", "count-tokens"])
+async def test_non_finite_numbers_in_a_struct_are_invalid_argument(gateway: Gateway, number: float, where: str) -> None:
+    """Before: INTERNAL (json_format.MessageToDict raised ValueError)."""
+    tool = pb.Tool(name="f")
+    tool.parameters.fields["type"].string_value = "object"
+    tool.parameters.fields["properties"].struct_value.fields["n"].struct_value.fields["maximum"].number_value = number
+    if where == "tool":
+        call = gateway.stub.Chat(pb.ChatRequest(model="gpt-4o-mini", messages=[user("hi")], tools=[tool]))
+        field = "tools[0].parameters"
+    elif where == "schema":
+        fmt = pb.ResponseFormat(type=pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA)
+        fmt.json_schema.schema.CopyFrom(tool.parameters)
+        request = pb.ChatRequest(model="gpt-4o-mini", messages=[user("hi")])
+        request.generation.response_format.CopyFrom(fmt)
+        call = gateway.stub.Chat(request)
+        field = "generation.response_format.json_schema.schema"
+    else:
+        call = gateway.stub.CountTokens(pb.CountTokensRequest(model="gpt-4o-mini", messages=[user("hi")], tools=[tool]))
+        field = "tools[0].parameters"
+    error = rich_error(await _failure(call))
+    assert (error.code, error.info.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST")
+    assert error.bad_request is not None and [f.field for f in error.bad_request.field_violations] == [field]

@@ -7,8 +7,11 @@ the documented ranges of the proto comments.
 
 from __future__ import annotations
 
+import collections
 import math
 import re
+
+from google.protobuf import struct_pb2
 
 from llm_gateway.v1 import llm_gateway_pb2 as pb
 
@@ -30,6 +33,8 @@ MAX_OUTPUT_TOKENS = 1_000_000
 MAX_TTL_SECONDS = 30 * 24 * 3600
 MAX_PAGE_SIZE = 1000
 MAX_PAGE_TOKEN_CHARS = 512
+MAX_IMAGE_BYTES = 20 * 1024 * 1024  # per image; OpenAI's documented limit (platform.openai.com, vision guide)
+MAX_IMAGE_URL_CHARS = 28 * 1024 * 1024  # a data: URL carries the (20 MiB) bytes base64-encoded
 IMAGE_MIME_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -78,12 +83,16 @@ def _image(v: list[FieldViolation], path: str, image: pb.ImagePart) -> None:
     elif source == "data":
         if not image.data:
             v.append(FieldViolation(f"{path}.data", "must not be empty"))
+        elif len(image.data) > MAX_IMAGE_BYTES:
+            v.append(FieldViolation(f"{path}.data", f"at most {MAX_IMAGE_BYTES} bytes"))
         if image.mime_type not in IMAGE_MIME_TYPES:
             v.append(
                 FieldViolation(f"{path}.mime_type", f"required with data; one of {', '.join(sorted(IMAGE_MIME_TYPES))}")
             )
     elif not image.url.startswith(("https://", "http://", "data:image/")):
         v.append(FieldViolation(f"{path}.url", "must be an http(s) URL or a data:image/... URL"))
+    elif len(image.url) > MAX_IMAGE_URL_CHARS:
+        v.append(FieldViolation(f"{path}.url", f"at most {MAX_IMAGE_URL_CHARS} characters"))
 
 
 def _message(v: list[FieldViolation], i: int, message: pb.Message) -> None:
@@ -117,6 +126,22 @@ def _message(v: list[FieldViolation], i: int, message: pb.Message) -> None:
         v.append(FieldViolation(f"{path}.name", "1-64 chars of [A-Za-z0-9_-]"))
 
 
+def _finite_struct(v: list[FieldViolation], path: str, struct: struct_pb2.Struct) -> None:
+    """Adds a violation when a Struct holds a NaN or infinite number: JSON has neither, so the
+    provider's JSON body could not carry it (json_format refuses it)."""
+    pending: list[struct_pb2.Value] = list(struct.fields.values())
+    while pending:
+        value = pending.pop()
+        kind = value.WhichOneof("kind")
+        if kind == "number_value" and not math.isfinite(value.number_value):
+            v.append(FieldViolation(path, "must not contain NaN or infinite numbers (JSON has none)"))
+            return
+        if kind == "struct_value":
+            pending.extend(value.struct_value.fields.values())
+        elif kind == "list_value":
+            pending.extend(value.list_value.values)
+
+
 def _generation(v: list[FieldViolation], gen: pb.GenerationOptions) -> None:
     _range(v, gen, "temperature", 0.0, 2.0)
     _range(v, gen, "top_p", 0.0, 1.0, low_open=True)
@@ -135,6 +160,7 @@ def _generation(v: list[FieldViolation], gen: pb.GenerationOptions) -> None:
     if fmt.type == pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA:
         if not fmt.json_schema.HasField("schema"):
             v.append(FieldViolation("generation.response_format.json_schema.schema", "required for JSON_SCHEMA"))
+        _finite_struct(v, "generation.response_format.json_schema.schema", fmt.json_schema.schema)
         if fmt.json_schema.name and not _NAME.match(fmt.json_schema.name):
             v.append(FieldViolation("generation.response_format.json_schema.name", "1-64 chars of [A-Za-z0-9_-]"))
 
@@ -157,11 +183,13 @@ def check_chat(request: ChatLike) -> None:
     if len(request.tools) > MAX_TOOLS:
         v.append(FieldViolation("tools", f"at most {MAX_TOOLS}"))
     names = [t.name for t in request.tools]
+    counts = collections.Counter(names)
     for i, tool in enumerate(request.tools):
         if not _NAME.match(tool.name):
             v.append(FieldViolation(f"tools[{i}].name", "1-64 chars of [A-Za-z0-9_-]"))
-        elif names.count(tool.name) > 1:
+        elif counts[tool.name] > 1:
             v.append(FieldViolation(f"tools[{i}].name", "tool names must be unique"))
+        _finite_struct(v, f"tools[{i}].parameters", tool.parameters)
     choice = request.tool_choice
     if choice.WhichOneof("choice") == "function_name" and choice.function_name not in names:
         v.append(FieldViolation("tool_choice.function_name", "must name one of the request's tools"))
@@ -241,8 +269,11 @@ def check_count_tokens(request: pb.CountTokensRequest) -> None:
     else:
         for i, message in enumerate(request.messages):
             _message(v, i, message)
+    if len(request.tools) > MAX_TOOLS:
+        v.append(FieldViolation("tools", f"at most {MAX_TOOLS}"))
     for i, tool in enumerate(request.tools):
         if not _NAME.match(tool.name):
             v.append(FieldViolation(f"tools[{i}].name", "1-64 chars of [A-Za-z0-9_-]"))
+        _finite_struct(v, f"tools[{i}].parameters", tool.parameters)
     if v:
         raise invalid_request(v)
