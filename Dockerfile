@@ -15,7 +15,11 @@ COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     LLM_GATEWAY_HOST=0.0.0.0 \
-    LLM_GATEWAY_PORT=50051
+    LLM_GATEWAY_PORT=50051 \
+    LLM_GATEWAY_TLS__ALLOW_PLAINTEXT=true
+# Plaintext on 0.0.0.0 is refused unless allowed: the image allows it for a TLS-terminating mesh or
+# ingress in front. To serve TLS itself, mount the files, set LLM_GATEWAY_TLS__CERT_FILE /
+# LLM_GATEWAY_TLS__KEY_FILE (and LLM_GATEWAY_TLS__CLIENT_CA_FILE for mTLS), and unset this.
 USER gateway
 EXPOSE 50051 9464
 # gRPC health check (grpc.health.v1) with the installed grpcio-health-checking; no extra binary.

@@ -120,7 +120,7 @@ async def test_health_and_reflection_need_no_key(secured: Gateway) -> None:
 async def test_no_keys_refuses_non_loopback_unless_disabled(make_gateway: GatewayFactory) -> None:
     with pytest.raises(ConfigError, match=r"refusing to serve on 0\.0\.0\.0"):
         await make_gateway({}, host="0.0.0.0")
-    gateway = await make_gateway({}, host="0.0.0.0", auth={"disabled": True})
+    gateway = await make_gateway({}, host="0.0.0.0", auth={"disabled": True}, tls={"allow_plaintext": True})
     assert (await gateway.stub.ListModels(pb.ListModelsRequest())).total_size > 0
 
 

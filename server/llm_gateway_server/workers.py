@@ -300,6 +300,8 @@ class _Supervisor:
         mine.setblocking(False)
         worker = _Worker(index, process, mine, time.monotonic())
         self.live[index] = worker
+        if self.draining.is_set():  # the stop signal came while this worker was being spawned
+            self._signal(worker, signal.SIGTERM)
         return worker
 
     async def _until_ready(self, worker: _Worker) -> str | None:
