@@ -323,6 +323,22 @@ def test_sigkilled_worker_is_restarted_and_sigterm_drains_all() -> None:
     assert lines.events("workers_stopped")
 
 
+def test_sighup_to_the_supervisor_without_tls_is_ignored() -> None:
+    """SIGHUP (TLS reload) used to kill the supervisor; without TLS there is nothing to reload."""
+    port, metrics_port = free_port(), _two_free_ports()
+    metrics_ports = [metrics_port, metrics_port + 1]
+    with _supervisor(_serve_argv(port, "--workers", "2"), _env(metrics_port)) as (process, lines):
+        before = _wait_until(
+            lambda: _workers_by_metrics_port(process.pid, port, metrics_ports), START_TIMEOUT_S, "both workers"
+        )
+        process.send_signal(signal.SIGHUP)
+        _wait_until(lambda: lines.events("workers_sighup"), 5, "the workers_sighup log line")
+        assert process.poll() is None and all(_alive(pid) for pid in before.values())
+        assert _serving(port)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+
+
 def test_worker_that_keeps_crashing_fails_the_supervisor_with_exit_1() -> None:
     """Worker 1 is killed and its metrics port taken: every restart fails at once. With a short
     policy (2 fast failures) the supervisor gives up, stops worker 0 and exits 1."""

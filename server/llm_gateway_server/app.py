@@ -13,7 +13,7 @@ import asyncio
 import gc
 import os
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import grpc
@@ -251,6 +251,8 @@ async def start_server(settings: Settings, environ: Mapping[str, str] | None = N
     application = build_application(settings, dict(os.environ if environ is None else environ))
     try:
         tls = _transport_security(settings)
+        if application.metrics is not None:  # before gRPC: a taken metrics port fails the start cleanly
+            application.metrics.serve(settings.metrics_host, settings.metrics_port)
         grpc_server = await start_grpc(
             application.servicer,
             application.interceptors,
@@ -265,8 +267,6 @@ async def start_server(settings: Settings, environ: Mapping[str, str] | None = N
     except BaseException:
         await application.aclose()
         raise
-    if application.metrics is not None:
-        application.metrics.serve(settings.metrics_host, settings.metrics_port)
     application.states.subscribe(BreakerHealth(grpc_server.health, application.registry.names()).on_change)
     redis_backends = {
         "rate_limit" if isinstance(b, RedisRateLimits) else "cache": b.subscribe
@@ -285,9 +285,10 @@ async def start_server(settings: Settings, environ: Mapping[str, str] | None = N
     return RunningServer(grpc_server, application, tls)
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, on_ready: Callable[[RunningServer], None] | None = None) -> None:
     """Runs until SIGTERM/SIGINT, then drains (see `RunningServer.stop`); with TLS on, SIGHUP
-    re-reads the certificate files (`RunningServer.reload_tls`)."""
+    re-reads the certificate files (`RunningServer.reload_tls`). `on_ready` runs once the server
+    serves and its signal handlers are installed (`serve --workers` reports readiness with it)."""
     running = await start_server(settings)
     # Everything loaded so far (SDKs, pydantic models, the catalog) lives as long as the process:
     # moved out of the collector's reach, full collections stay short (bench/NOTES.md).
@@ -298,6 +299,8 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(signum, stop.set)
     if running.tls is not None:
         loop.add_signal_handler(signal.SIGHUP, running.reload_tls)
+    if on_ready is not None:
+        on_ready(running)
     server_done = asyncio.ensure_future(running.wait_for_termination())
     stop_requested = asyncio.ensure_future(stop.wait())
     await asyncio.wait({server_done, stop_requested}, return_when=asyncio.FIRST_COMPLETED)

@@ -12,7 +12,7 @@ import asyncio
 import errno
 import socket
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from . import app
@@ -98,27 +98,8 @@ def _fail(problem: str, channel: SupervisorChannel | None) -> int:
 
 
 async def _serve(settings: Settings, channel: SupervisorChannel | None) -> None:
-    """`app.serve`; a worker also tells its supervisor when it serves (`SupervisorChannel.ready`).
-
-    `app.serve` takes no readiness callback yet, so a worker wraps `app.start_server` (which
-    `app.serve` calls) for the life of this call; readiness is reported from the loop's next turn,
-    once `app.serve` has installed its signal handlers.
-    """
-    if channel is None:
-        await app.serve(settings)
-        return
-    start_server = app.start_server
-
-    async def start_and_report(settings: Settings, environ: Mapping[str, str] | None = None) -> app.RunningServer:
-        running = await start_server(settings, environ)
-        asyncio.get_running_loop().call_soon(channel.ready)
-        return running
-
-    app.start_server = start_and_report
-    try:
-        await app.serve(settings)
-    finally:
-        app.start_server = start_server
+    """`app.serve`; a worker also tells its supervisor when it serves (`SupervisorChannel.ready`)."""
+    await app.serve(settings, on_ready=None if channel is None else lambda _: channel.ready())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -218,6 +218,7 @@ class _Supervisor:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._on_signal, signum)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         tasks = [asyncio.create_task(self._keep(index)) for index in range(self.count)]
         fatal: _FatalError | None = None
         pending: set[asyncio.Task[None]] = set(tasks)
@@ -233,7 +234,7 @@ class _Supervisor:
                     log.error("supervisor_error", exc_info=exc)
                     fatal = _FatalError(f"llm-gateway: supervisor error: {exc!r}", 1)
                 self._drain(signal.SIGTERM)
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(signum)
         if fatal is not None:
             log.info("workers_stopped", status=fatal.status)
@@ -242,6 +243,16 @@ class _Supervisor:
         status = 1 if self.unclean else 0
         log.info("workers_stopped", status=status, unclean=self.unclean)
         return status
+
+    def _on_sighup(self) -> None:
+        """SIGHUP: with TLS on, every ready worker re-reads its certificate files; without TLS it
+        has nothing to reload (and a worker's default SIGHUP action would stop it), so it is ignored."""
+        tls = self.settings.tls.cert_file is not None
+        log.info("workers_sighup", action="forwarded" if tls else "ignored (TLS off)")
+        if tls:
+            for worker in self.live.values():
+                if worker.ready_at is not None:
+                    self._signal(worker, signal.SIGHUP)
 
     def _on_signal(self, signum: int) -> None:
         log.info("workers_draining", signal=signal.Signals(signum).name, workers=len(self.live))
