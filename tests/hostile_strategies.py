@@ -211,12 +211,19 @@ tool_names = st.one_of(st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True), te
 # ---------------------------------------------------------------------------------------------
 
 _json_leaves = st.one_of(st.none(), st.booleans(), doubles(), texts(20_000))
-json_values = st.recursive(
-    _json_leaves,
-    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(small_texts, inner, max_size=4)),
-    max_leaves=16,
-)
-json_objects = st.dictionaries(st.one_of(small_texts, st.sampled_from(ODD_TEXTS)), json_values, max_size=6)
+_finite_json_leaves = st.one_of(st.none(), st.booleans(), st.floats(allow_nan=False, allow_infinity=False), texts(2000))
+
+
+def _json(leaves: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.recursive(
+        leaves,
+        lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(small_texts, inner, max_size=4)),
+        max_leaves=16,
+    )
+
+
+json_objects = st.dictionaries(st.one_of(small_texts, st.sampled_from(ODD_TEXTS)), _json(_json_leaves), max_size=6)
+finite_json_objects = st.dictionaries(small_texts, _json(_finite_json_leaves), max_size=6)
 
 
 def _leaf(value: struct_pb2.Value, kind: str) -> None:
@@ -234,15 +241,19 @@ def _leaf(value: struct_pb2.Value, kind: str) -> None:
         value.struct_value.SetInParent()
 
 
-def fill_struct(draw: Draw, target: struct_pb2.Struct) -> None:
+def fill_struct(draw: Draw, target: struct_pb2.Struct, plausible: bool = False) -> None:
     """Fills `target` in place: a JSON-like object, sometimes with one deep branch (through
-    structs, lists or both) around the protobuf runtime's nesting limit or far past it."""
-    target.update(draw(json_objects))
-    depth = draw(st.one_of(st.just(0), st.integers(0, 48), st.sampled_from([30, 31, 32, 33, 34, 40, 100, 2000])))
+    structs, lists or both). Plausible: finite numbers, depth within the runtime's nesting limit;
+    else NaN/Inf anywhere and depths around the limit or far past it."""
+    target.update(draw(finite_json_objects if plausible else json_objects))
+    if plausible:
+        depth = draw(st.one_of(st.just(0), st.integers(0, 20)))
+    else:
+        depth = draw(st.one_of(st.just(0), st.integers(0, 48), st.sampled_from([30, 31, 32, 33, 34, 40, 100, 2000])))
     if not depth:
         return
     via = draw(st.sampled_from(["struct", "list", "mixed"]))
-    leaf = draw(st.sampled_from(["struct", "nan", "inf", "-inf", "string", "null"]))
+    leaf = draw(st.sampled_from(["struct", "string", "null"] if plausible else ["nan", "inf", "-inf", "struct"]))
     node = target
     value = None
     for level in range(depth):
@@ -256,7 +267,9 @@ def fill_struct(draw: Draw, target: struct_pb2.Struct) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Conversation pieces (filled in place into the request being built)
+# Conversation pieces, filled in place into the request being built. `plausible=True` keeps the
+# structure valid (so the request gets past validation to routing, the cache and the providers)
+# with hostile values where the contract allows any; `plausible=False` lets anything through.
 # ---------------------------------------------------------------------------------------------
 
 IMAGE_MIMES = ("image/png", "image/jpeg", "image/gif", "image/webp")
@@ -279,7 +292,9 @@ IMAGE_URLS = (
     "data:text/plain;base64,AAAA",
     "data:image/png," + "A" * 100,
 )
+PLAUSIBLE_URL_PREFIXES = ("https://", "http://", "data:image/")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+valid_names = st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True)
 
 
 def random_bytes(max_size: int) -> st.SearchStrategy[bytes]:
@@ -307,26 +322,38 @@ def image_urls(draw: Draw) -> str:
     return str(draw(texts(4096)))
 
 
-def fill_image(draw: Draw, image: pb.ImagePart) -> None:
+def _mimes(plausible: bool) -> st.SearchStrategy[str]:
+    if plausible:
+        return st.sampled_from(IMAGE_MIMES)
+    return st.one_of(st.sampled_from(IMAGE_MIMES), st.sampled_from(BAD_MIMES), small_texts)
+
+
+def fill_image(draw: Draw, image: pb.ImagePart, plausible: bool = False) -> None:
     if draw(st.booleans()):
-        image.url = draw(image_urls())
+        url = draw(image_urls())
+        if plausible and not url.startswith(PLAUSIBLE_URL_PREFIXES):
+            url = "https://" + url
+        image.url = url
         if draw(st.booleans()):
-            image.mime_type = draw(st.one_of(st.sampled_from(IMAGE_MIMES), st.sampled_from(BAD_MIMES), small_texts))
+            image.mime_type = draw(_mimes(plausible))
     else:
         data = draw(random_bytes(300_000))
         if draw(st.booleans()):
             data = PNG_MAGIC + data
-        image.data = data
-        image.mime_type = draw(st.one_of(st.sampled_from(IMAGE_MIMES), st.sampled_from(BAD_MIMES), small_texts))
+        image.data = data or b"\x00"
+        image.mime_type = draw(_mimes(plausible))
     if draw(st.booleans()):
-        image.detail = draw(enums(pb.ImageDetail))
+        image.detail = draw(st.sampled_from(sorted(pb.ImageDetail.values())) if plausible else enums(pb.ImageDetail))
 
 
 def roles() -> st.SearchStrategy[int]:
     return st.one_of(st.sampled_from([pb.ROLE_USER, pb.ROLE_SYSTEM, pb.ROLE_ASSISTANT, pb.ROLE_TOOL]), enums(pb.Role))
 
 
-def fill_message(draw: Draw, message: pb.Message, text: st.SearchStrategy[str]) -> None:
+def fill_message(draw: Draw, message: pb.Message, text: st.SearchStrategy[str], plausible: bool = False) -> None:
+    if plausible:
+        _fill_plausible_message(draw, message, text)
+        return
     message.role = draw(roles())
     for _ in range(draw(st.integers(0, 3))):
         part = message.content.add()
@@ -340,128 +367,188 @@ def fill_message(draw: Draw, message: pb.Message, text: st.SearchStrategy[str]) 
     if draw(st.booleans()):
         message.tool_call_id = draw(small_texts)
     if draw(st.booleans()):
-        message.name = draw(st.one_of(st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True), small_texts))
+        message.name = draw(st.one_of(valid_names, small_texts))
 
 
-def fill_tool(draw: Draw, tool: pb.Tool, name: str | None = None) -> None:
-    tool.name = draw(tool_names) if name is None else name
+def _fill_plausible_message(draw: Draw, message: pb.Message, text: st.SearchStrategy[str]) -> None:
+    """A valid message: user (text and images), system, assistant (text and/or tool calls) or a
+    tool answer; hostile text and images."""
+    role = draw(st.sampled_from([pb.ROLE_USER, pb.ROLE_USER, pb.ROLE_SYSTEM, pb.ROLE_ASSISTANT, pb.ROLE_TOOL]))
+    message.role = role
+    parts = draw(st.integers(0 if role == pb.ROLE_ASSISTANT else 1, 3))
+    for _ in range(parts):
+        part = message.content.add()
+        if role == pb.ROLE_USER and draw(st.integers(0, 3)) == 3:
+            fill_image(draw, part.image, plausible=True)
+        else:
+            part.text = draw(text)
+    if role == pb.ROLE_ASSISTANT and (not parts or draw(st.booleans())):
+        for _ in range(draw(st.integers(1, 3))):
+            message.tool_calls.add(
+                id=draw(st.text(_CHARS, min_size=1, max_size=40)), name=draw(valid_names), arguments=draw(texts(20_000))
+            )
+    if role == pb.ROLE_TOOL:
+        message.tool_call_id = draw(st.text(_CHARS, min_size=1, max_size=40))
+    if draw(st.integers(0, 3)) == 0:
+        message.name = draw(valid_names)
+
+
+def fill_tool(draw: Draw, tool: pb.Tool, name: str | None = None, plausible: bool = False) -> None:
+    tool.name = draw(valid_names if plausible else tool_names) if name is None else name
     tool.description = draw(texts(20_000))
     if draw(st.booleans()):
-        fill_struct(draw, tool.parameters)
+        fill_struct(draw, tool.parameters, plausible)
     tool.strict = draw(st.booleans())
 
 
-def fill_generation(draw: Draw, gen: pb.GenerationOptions) -> None:
-    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
-        value = draw(optional(doubles()))
+def _in_range(low: float, high: float, ints: bool = False) -> st.SearchStrategy[Any]:
+    if ints:
+        return st.one_of(st.sampled_from([int(low), int(high)]), st.integers(int(low), int(high)))
+    return st.one_of(st.sampled_from([low, high]), st.floats(low, high))
+
+
+def fill_generation(draw: Draw, gen: pb.GenerationOptions, plausible: bool = False) -> None:
+    floats = {"temperature": (0.0, 2.0), "top_p": (5e-324, 1.0), "presence_penalty": (-2.0, 2.0)}
+    floats["frequency_penalty"] = (-2.0, 2.0)
+    for name, (low, high) in floats.items():
+        value = draw(optional(_in_range(low, high) if plausible else doubles()))
         if value is not None:
             setattr(gen, name, value)
-    for name in ("top_k", "max_output_tokens"):
-        value = draw(optional(int32s()))
+    for name, (low, high) in {"top_k": (1, 1000), "max_output_tokens": (1, 1_000_000)}.items():
+        value = draw(optional(_in_range(low, high, ints=True) if plausible else int32s()))
         if value is not None:
             setattr(gen, name, value)
     seed = draw(optional(int64s()))
     if seed is not None:
         gen.seed = seed
-    stops = draw(st.one_of(st.lists(texts(400), max_size=4), st.builds(lambda n: ["s"] * n, st.integers(15, 40))))
+    if plausible:
+        stop = st.text(_CHARS, min_size=1, max_size=256)
+        stops = draw(st.one_of(st.lists(stop, max_size=3), st.builds(lambda s: [s] * 16, stop)))
+    else:
+        stops = draw(st.one_of(st.lists(texts(400), max_size=4), st.builds(lambda n: ["s"] * n, st.integers(15, 40))))
     gen.stop_sequences.extend(stops)
     if draw(st.booleans()):
-        gen.response_format.type = draw(enums(pb.ResponseFormatType))
-        if draw(st.booleans()):
+        types = st.sampled_from(sorted(pb.ResponseFormatType.values()))
+        gen.response_format.type = draw(types if plausible else enums(pb.ResponseFormatType))
+        if draw(st.booleans()) or (plausible and gen.response_format.type == pb.RESPONSE_FORMAT_TYPE_JSON_SCHEMA):
             schema = gen.response_format.json_schema
-            schema.name = draw(tool_names)
+            schema.name = draw(valid_names if plausible else tool_names)
             schema.description = draw(texts(2000))
             schema.strict = draw(st.booleans())
-            if draw(st.booleans()):
-                fill_struct(draw, schema.schema)
+            if plausible or draw(st.booleans()):
+                fill_struct(draw, schema.schema, plausible)
+                schema.schema.fields["type"].string_value = "object"
     parallel = draw(optional(st.booleans()))
     if parallel is not None:
         gen.parallel_tool_calls = parallel
 
 
-def fill_routing(draw: Draw, routing: pb.RoutingOptions) -> None:
-    routing.provider = draw(st.one_of(st.sampled_from(PROVIDERS), small_texts))
+def fill_routing(draw: Draw, routing: pb.RoutingOptions, plausible: bool = False) -> None:
+    routing.provider = draw(
+        st.sampled_from(PROVIDERS[:3]) if plausible else st.one_of(st.sampled_from(PROVIDERS), small_texts)
+    )
     fallback = draw(optional(st.booleans()))
     if fallback is not None:
         routing.fallback = fallback
+    scenarios = st.sampled_from(OPENAI_SCENARIOS + OLLAMA_SCENARIOS)
     fallbacks = draw(
         st.one_of(
-            st.lists(models(), max_size=3),
-            st.builds(lambda m, n: [m] * n, st.sampled_from(OPENAI_SCENARIOS + OLLAMA_SCENARIOS), st.integers(50, 3000)),
+            st.lists(scenarios if plausible else models(), max_size=3),
+            st.builds(lambda m, n: [m] * n, scenarios, st.integers(50, 3000)),
         )
     )
     routing.fallback_models.extend(fallbacks)
     if draw(st.booleans()):
-        routing.strategy = draw(enums(pb.RoutingStrategy))
+        routing.strategy = draw(
+            st.sampled_from(sorted(pb.RoutingStrategy.values())) if plausible else enums(pb.RoutingStrategy)
+        )
 
 
-def fill_cache(draw: Draw, cache: pb.CacheOptions) -> None:
-    cache.mode = draw(enums(pb.CacheMode))
-    ttl = draw(optional(int32s()))
+def fill_cache(draw: Draw, cache: pb.CacheOptions, plausible: bool = False) -> None:
+    cache.mode = draw(st.sampled_from(sorted(pb.CacheMode.values())) if plausible else enums(pb.CacheMode))
+    ttl = draw(optional(_in_range(1, 30 * 24 * 3600, ints=True) if plausible else int32s()))
     if ttl is not None:
         cache.ttl_seconds = ttl
 
 
-def metadata_maps() -> st.SearchStrategy[dict[str, str]]:
+def metadata_maps(plausible: bool = False) -> st.SearchStrategy[dict[str, str]]:
+    if plausible:
+        key = st.text(_CHARS, min_size=1, max_size=256)
+        return st.one_of(
+            st.dictionaries(key, st.text(_CHARS, max_size=256), max_size=4),
+            st.builds(lambda v: {f"k{i}": v for i in range(16)}, st.text(_CHARS, max_size=256)),
+        )
     return st.one_of(
         st.dictionaries(st.one_of(small_texts, st.sampled_from(ODD_TEXTS)), texts(2000), max_size=4),
         st.builds(lambda n, v: {f"k{i}": v for i in range(n)}, st.integers(15, 3000), small_texts),
     )
 
 
+def end_user_ids(plausible: bool) -> st.SearchStrategy[str]:
+    if plausible:
+        return st.one_of(st.just(""), st.text(_CHARS, max_size=256), st.just("u" * 256))
+    return st.one_of(st.just(""), texts(5000))
+
+
 # ---------------------------------------------------------------------------------------------
 # Whole requests
 # ---------------------------------------------------------------------------------------------
 
-ChatLike = pb.ChatRequest | pb.ChatStreamRequest
+ANSWERING_MODELS = ("gpt-4o-mini", "emulated-model", "ollama/llama3.2", "tools", "ollama/tools", "no-usage", "length")
+PLAUSIBLE_MODELS = OPENAI_SCENARIOS + OLLAMA_SCENARIOS + CATALOG_MODELS
+plausible_models = st.one_of(st.sampled_from(ANSWERING_MODELS), st.sampled_from(PLAUSIBLE_MODELS))
 
 
-def _fill_chat_like(draw: Draw, request: Any, with_options: bool = True) -> None:
-    """Fills a ChatRequest / ChatStreamRequest / CountTokensRequest in place."""
-    request.model = draw(models())
+def _fill_chat_like(draw: Draw, request: Any) -> None:
+    """Fills a ChatRequest / ChatStreamRequest / CountTokensRequest in place: plausible (valid
+    structure, hostile values) or wild (anything), in one of a few shapes."""
+    plausible = draw(st.booleans())
+    request.model = draw(plausible_models if plausible else models())
     shape = draw(st.sampled_from(["few", "few", "few", "many_messages", "many_tools", "huge"]))
     if shape == "many_messages":
         message = pb.Message()
-        fill_message(draw, message, small_texts)
-        count = draw(st.sampled_from([1000, 4095, 4096, 4097, 6000]))
-        request.messages.extend([message] * count)
+        fill_message(draw, message, small_texts, plausible)
+        limits = [1000, 4095, 4096] if plausible else [1000, 4095, 4096, 4097, 6000]
+        request.messages.extend([message] * draw(st.sampled_from(limits)))
     else:
         huge = draw(huge_texts(6_000_000)) if shape == "huge" else None
-        for index in range(draw(st.integers(0, 4))):
-            fill_message(draw, request.messages.add(), texts())
+        for index in range(draw(st.integers(1 if plausible else 0, 4))):
+            fill_message(draw, request.messages.add(), texts(), plausible)
             if huge is not None and index == 0:
                 request.messages[0].content.add(text=huge)
+        if plausible and request.messages[-1].role != pb.ROLE_USER and draw(st.booleans()):
+            request.messages.add(role=pb.ROLE_USER, content=[pb.ContentPart(text=draw(texts()))])
     if shape == "many_tools":
-        count = draw(st.sampled_from([127, 128, 129, 1000, 3000]))
+        count = draw(st.sampled_from([127, 128] if plausible else [127, 128, 129, 1000, 3000]))
         template = pb.Tool()
-        fill_tool(draw, template, name="t")
-        unique = draw(st.booleans())
+        fill_tool(draw, template, name="t", plausible=plausible)
+        unique = plausible or draw(st.booleans())
         for i in range(count):
             tool = request.tools.add()
             tool.CopyFrom(template)
             tool.name = f"tool_{i}" if unique else "dup"
     else:
-        for _ in range(draw(st.integers(0, 3))):
-            fill_tool(draw, request.tools.add())
+        for i in range(draw(st.integers(0, 3))):
+            fill_tool(draw, request.tools.add(), name=f"f{i}" if plausible else None, plausible=plausible)
     if isinstance(request, pb.CountTokensRequest):
         if draw(st.booleans()):
-            fill_routing(draw, request.routing)
+            fill_routing(draw, request.routing, plausible)
         return
     if draw(st.booleans()):
-        choice = draw(st.sampled_from(["mode", "function"]))
-        if choice == "mode":
-            request.tool_choice.mode = draw(enums(pb.ToolChoiceMode))
+        names = [t.name for t in request.tools[:3]]
+        if draw(st.booleans()) or (plausible and not names):
+            modes = st.sampled_from(sorted(pb.ToolChoiceMode.values()))
+            request.tool_choice.mode = draw(modes if plausible else enums(pb.ToolChoiceMode))
         else:
-            names = [t.name for t in request.tools[:3]]
-            request.tool_choice.function_name = draw(st.one_of(st.sampled_from(names or [""]), tool_names))
-    if with_options and draw(st.booleans()):
-        fill_generation(draw, request.generation)
+            request.tool_choice.function_name = draw(st.sampled_from(names) if plausible else tool_names)
     if draw(st.booleans()):
-        fill_routing(draw, request.routing)
+        fill_generation(draw, request.generation, plausible)
     if draw(st.booleans()):
-        fill_cache(draw, request.cache)
-    request.end_user_id = draw(st.one_of(st.just(""), texts(5000)))
-    request.metadata.update(draw(metadata_maps()))
+        fill_routing(draw, request.routing, plausible)
+    if draw(st.booleans()):
+        fill_cache(draw, request.cache, plausible)
+    request.end_user_id = draw(end_user_ids(plausible))
+    request.metadata.update(draw(metadata_maps(plausible)))
 
 
 def _bounded(request: Any) -> bool:
@@ -506,23 +593,37 @@ EMBED_MODELS = ("text-embedding-3-small", "emulated-model", "ollama/nomic-embed-
 
 @st.composite
 def _embed_requests(draw: Draw) -> pb.EmbedRequest:
-    request = pb.EmbedRequest(model=draw(st.one_of(st.sampled_from(EMBED_MODELS), models())))
+    plausible = draw(st.booleans())
+    request = pb.EmbedRequest(
+        model=draw(st.sampled_from(EMBED_MODELS) if plausible else st.one_of(st.sampled_from(EMBED_MODELS), models()))
+    )
     shape = draw(st.sampled_from(["few", "few", "many", "huge"]))
+    one = st.text(_CHARS, min_size=1, max_size=24) if plausible else small_texts
     if shape == "many":
-        request.inputs.extend([draw(small_texts)] * draw(st.sampled_from([2047, 2048, 2049, 5000])))
+        request.inputs.extend(
+            [draw(one)] * draw(st.sampled_from([2047, 2048] if plausible else [2047, 2048, 2049, 5000]))
+        )
     elif shape == "huge":
-        request.inputs.extend([draw(huge_texts(4_000_000)) for _ in range(draw(st.integers(1, 3)))])
+        size = 2_000_000 if plausible else 4_000_000
+        request.inputs.extend([draw(huge_texts(size)) or "x" for _ in range(draw(st.integers(1, 3)))])
     else:
-        request.inputs.extend(draw(st.lists(texts(), max_size=5)))
-    dimensions = draw(optional(st.one_of(int32s(), st.sampled_from([1, 16384, 16385, 2048]))))
+        request.inputs.extend(
+            draw(st.lists(texts().filter(bool) if plausible else texts(), min_size=int(plausible), max_size=5))
+        )
+    if plausible:
+        dimensions = draw(optional(_in_range(1, 16384, ints=True)))
+        if dimensions is not None and dimensions * len(request.inputs) > 4_194_304:
+            dimensions = None
+    else:
+        dimensions = draw(optional(st.one_of(int32s(), st.sampled_from([1, 16384, 16385, 2048]))))
     if dimensions is not None:
         request.dimensions = dimensions
     if draw(st.booleans()):
-        fill_routing(draw, request.routing)
+        fill_routing(draw, request.routing, plausible)
     if draw(st.booleans()):
-        fill_cache(draw, request.cache)
-    request.end_user_id = draw(st.one_of(st.just(""), texts(5000)))
-    request.metadata.update(draw(metadata_maps()))
+        fill_cache(draw, request.cache, plausible)
+    request.end_user_id = draw(end_user_ids(plausible))
+    request.metadata.update(draw(metadata_maps(plausible)))
     return request
 
 

@@ -224,6 +224,29 @@ async def _health(gateway: Gateway, service: str) -> int:
     return reply.status
 
 
+async def test_health_tells_the_truth_about_providers_and_deployments(pair: Pair) -> None:
+    """Found from outside: one open breaker marked the whole provider NOT_SERVING while its other
+    models answered, and `deployment/<p>/<m>` was NOT_FOUND until a breaker first moved."""
+    breaker = {"consecutive_failures": 2, "min_calls": 1000, "cooldown_s": 60}
+    gateway = await pair.gateway(
+        [alias("a", ("primary", "status-500"), ("backup", "default")), alias("b", ("primary", "default"))],
+        breaker=breaker,
+        retry={"max_attempts": 1},
+    )
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("deployment/primary/status-500", "deployment/primary/default", "deployment/backup/default"):
+        assert await _health(gateway, name) == serving  # known from the start
+    for _ in range(2):
+        await gateway.stub.Chat(chat("a"))
+    await asyncio.sleep(0.05)
+    assert await _health(gateway, "deployment/primary/status-500") == not_serving
+    assert await _health(gateway, "provider/primary") == serving  # primary/default still answers
+    assert (await gateway.stub.Chat(chat("b"))).provider == "primary"
+    listed = await health_pb2_grpc.HealthStub(gateway.channel).List(health_pb2.HealthListRequest())
+    statuses = {name: r.status for name, r in listed.statuses.items()}
+    assert statuses["deployment/primary/status-500"] == not_serving and statuses[""] == serving
+
+
 async def test_breaker_opens_skips_then_admits_one_trial(pair: Pair) -> None:
     breaker = {"consecutive_failures": 3, "min_calls": 1000, "cooldown_s": 0.6}
     gateway = await pair.gateway(

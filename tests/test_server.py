@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -20,7 +21,7 @@ from llm_gateway.v1 import llm_gateway_pb2_grpc as pb_grpc
 from llm_gateway_server.config import ConfigError, load_settings
 from llm_gateway_server.providers.registry import provider_config
 
-from .conftest import OPENAI_TEST_KEY, Gateway, chat
+from .conftest import OPENAI_TEST_KEY, Gateway, GatewayFactory, chat
 from .emulators.openai_server import OpenAIEmulator
 
 SERVICE = "llm_gateway.v1.LLMGatewayService"
@@ -50,6 +51,46 @@ async def test_reflection_lists_services_and_resolves_contract(gateway: Gateway)
     assert {SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
     symbol = await ask(reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE))
     assert symbol.file_descriptor_response.file_descriptor_proto
+
+
+async def _reflect(channel: grpc.aio.Channel, method: str, request: reflection_pb2.ServerReflectionRequest) -> Any:
+    """One reflection exchange on `method` (v1 or v1alpha: the same messages on the wire)."""
+    call = channel.stream_stream(
+        method,
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )()
+    await call.write(request)
+    await call.done_writing()
+    return await call.read()
+
+
+async def test_reflection_v1_as_grpc_js_asks_for_it(gateway: Gateway) -> None:
+    """grpc-js reflection clients use `grpc.reflection.v1` (grpcio-reflection ships v1alpha only)."""
+    v1 = "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"
+    listed = await _reflect(gateway.channel, v1, reflection_pb2.ServerReflectionRequest(list_services=""))
+    names = {s.name for s in listed.list_services_response.service}
+    assert {SERVICE, "grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"} <= names
+    symbol = await _reflect(gateway.channel, v1, reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE))
+    assert symbol.file_descriptor_response.file_descriptor_proto
+    described = await _reflect(
+        gateway.channel,
+        v1,
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol="grpc.reflection.v1.ServerReflection"),
+    )
+    assert described.file_descriptor_response.file_descriptor_proto
+
+
+async def test_reflection_can_be_turned_off(make_gateway: GatewayFactory) -> None:
+    gateway = await make_gateway({}, reflection=False)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await _reflect(
+            gateway.channel,
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+            reflection_pb2.ServerReflectionRequest(list_services=""),
+        )
+    assert caught.value.code() is grpc.StatusCode.UNIMPLEMENTED
+    await gateway.stub.ListModels(pb.ListModelsRequest(page_size=1))  # the service itself still serves
 
 
 async def test_drain_sets_not_serving_and_finishes_in_flight_calls(

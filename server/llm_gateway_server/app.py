@@ -37,7 +37,7 @@ from .state.memory import MemoryCache, MemoryRateLimits
 from .state.redis_backend import RedisCache, RedisRateLimits
 from .telemetry.metrics import BREAKER_STATE_VALUES, Metrics
 from .transport.health import BreakerHealth, watch_state_backends
-from .transport.server import GrpcServer, start_grpc
+from .transport.server import ConnectionPolicy, GrpcServer, start_grpc
 from .transport.servicer import LLMGatewayServicer
 from .transport.tls import ServerTls, server_tls
 
@@ -59,6 +59,7 @@ class Application:
     interceptors: list[grpc.aio.ServerInterceptor]
     backends: tuple[RateLimitBackend | CacheBackend, ...]
     metrics: Metrics | None
+    known_deployments: tuple[str, ...] = ()
 
     async def aclose(self) -> None:
         """Closes provider connection pools, state backends and the metrics server."""
@@ -158,6 +159,22 @@ def _interceptors(
     return chain, backends
 
 
+def _known_deployments(settings: Settings, catalog: Catalog, registry: ProviderRegistry) -> tuple[str, ...]:
+    """`provider/model` keys of the deployments health reports from start: every alias
+    deployment and every catalog model of a configured provider."""
+    keys = {f"{m.provider}/{m.provider_model}" for m in catalog.all() if registry.get(m.provider) is not None}
+    for alias in settings.aliases:
+        for deployment in alias.deployments:
+            if registry.get(deployment.provider) is None:
+                continue
+            info = catalog.get(deployment.model)
+            model = (
+                info.provider_model if info is not None and info.provider == deployment.provider else deployment.model
+            )
+            keys.add(f"{deployment.provider}/{model}")
+    return tuple(sorted(keys))
+
+
 def build_application(settings: Settings, environ: Mapping[str, str]) -> Application:
     """Builds every layer from `settings`; `environ` supplies the providers' API key variables.
 
@@ -185,7 +202,8 @@ def build_application(settings: Settings, environ: Mapping[str, str]) -> Applica
         gauge = metrics.breaker
         states.subscribe(lambda d, state: gauge.labels(d.key).set(BREAKER_STATE_VALUES[state.value]))
     chain, backends = _interceptors(settings, auth, metrics)
-    return Application(catalog, registry, states, servicer, chain, tuple(backends), metrics)
+    known = _known_deployments(settings, catalog, registry)
+    return Application(catalog, registry, states, servicer, chain, tuple(backends), metrics, known)
 
 
 @dataclass
@@ -261,13 +279,25 @@ async def start_server(settings: Settings, environ: Mapping[str, str] | None = N
             max_message_bytes=settings.max_message_bytes,
             reuse_port=settings.reuse_port,
             grace_period_s=settings.grace_period_s,
-            health_names=[f"provider/{p}" for p in application.registry.names()],
+            health_names=[
+                *(f"provider/{p}" for p in application.registry.names()),
+                *(f"deployment/{key}" for key in application.known_deployments),
+            ],
+            connections=ConnectionPolicy(
+                settings.max_connection_age_s,
+                settings.max_connection_age_grace_s,
+                settings.keepalive_time_s,
+                settings.keepalive_timeout_s,
+                settings.keepalive_min_time_s,
+            ),
+            reflection_on=settings.reflection,
             credentials=tls.credentials if tls is not None else None,
         )
     except BaseException:
         await application.aclose()
         raise
-    application.states.subscribe(BreakerHealth(grpc_server.health, application.registry.names()).on_change)
+    breaker_health = BreakerHealth(grpc_server.health, application.registry.names(), application.known_deployments)
+    application.states.subscribe(breaker_health.on_change)
     redis_backends = {
         "rate_limit" if isinstance(b, RedisRateLimits) else "cache": b.subscribe
         for b in application.backends
@@ -304,8 +334,14 @@ async def serve(settings: Settings, on_ready: Callable[[RunningServer], None] | 
     server_done = asyncio.ensure_future(running.wait_for_termination())
     stop_requested = asyncio.ensure_future(stop.wait())
     await asyncio.wait({server_done, stop_requested}, return_when=asyncio.FIRST_COMPLETED)
+    signalled = loop.time()
+    await running.grpc_server.enter_drain()  # health NOT_SERVING at once; watches end
+    if settings.prestop_delay_s and not server_done.done():
+        # Load balancers and Kubernetes endpoints take a moment to stop sending: keep serving.
+        log.info("server_prestop", prestop_delay_s=settings.prestop_delay_s)
+        await asyncio.wait({server_done}, timeout=settings.prestop_delay_s)
     log.info("server_draining", grace_period_s=settings.grace_period_s)
     await running.stop()
     stop_requested.cancel()
     await server_done
-    log.info("server_stopped")
+    log.info("server_stopped", drain_s=round(loop.time() - signalled, 3))

@@ -264,6 +264,18 @@ class Settings(BaseSettings):
         default_deadline_s: bound for upstream calls when the client sets no deadline, seconds.
         max_message_bytes: largest request/response message, bytes.
         grace_period_s: SIGTERM drain time before in-flight calls are cancelled, seconds.
+        prestop_delay_s: after SIGTERM (health already NOT_SERVING), how long new calls are still
+            accepted before the drain starts, seconds: the time load balancers and Kubernetes
+            endpoints take to stop sending traffic (`LLM_GATEWAY_PRESTOP_DELAY_S`).
+        max_connection_age_s / max_connection_age_grace_s: a client connection is asked to go
+            away (GOAWAY) after this age, seconds, and closed after the grace; calls in flight
+            continue on it meanwhile. Clients reconnect and so spread over new replicas.
+        keepalive_time_s / keepalive_timeout_s: the server pings an idle connection this often and
+            closes it when a ping goes unanswered this long, seconds.
+        keepalive_min_time_s: clients may ping at most this often (more often: GOAWAY
+            "too_many_pings"), seconds.
+        reflection: serve gRPC server reflection (v1 and v1alpha); false hides the contract from
+            clients that did not get it otherwise.
         log_level: debug, info, warning or error.
         log_content: include prompt/response text in logs (off by default).
         providers: provider instances (added to those from the standard variables).
@@ -297,6 +309,13 @@ class Settings(BaseSettings):
     default_deadline_s: float = Field(default=300.0, gt=0, le=3600)
     max_message_bytes: int = Field(default=32 * 1024 * 1024, ge=1024, le=512 * 1024 * 1024)
     grace_period_s: float = Field(default=10.0, ge=0, le=600)
+    prestop_delay_s: float = Field(default=0.0, ge=0, le=300)
+    max_connection_age_s: float = Field(default=600.0, gt=0, le=86_400)
+    max_connection_age_grace_s: float = Field(default=300.0, ge=0, le=86_400)
+    keepalive_time_s: float = Field(default=60.0, gt=0, le=86_400)
+    keepalive_timeout_s: float = Field(default=20.0, gt=0, le=3600)
+    keepalive_min_time_s: float = Field(default=10.0, gt=0, le=3600)
+    reflection: bool = True
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_content: bool = False
     providers: list[ProviderSettings] = Field(default_factory=list)
