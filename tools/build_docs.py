@@ -600,12 +600,14 @@ def top_level_in_source_order(file: descriptor_pb2.FileDescriptorProto, contract
     return sorted(elements, key=lambda element: element.line)
 
 
-def render_package_page(contract: Contract, page: str, files: list[descriptor_pb2.FileDescriptorProto]) -> str:
+def render_package_page(
+    contract: Contract, page: str, files: list[descriptor_pb2.FileDescriptorProto], python_built: bool
+) -> str:
     renderer = Renderer(contract, page)
     package = files[0].package
+    python_link = f' · <a href="python/{CLIENT_MODULE}.html">Python client</a>' if python_built else ""
     body: list[str] = [
-        '<p class="muted"><a href="index.html">Reference index</a> · '
-        f'<a href="python/{CLIENT_MODULE}.html">Python client</a></p>',
+        f'<p class="muted"><a href="index.html">Reference index</a>{python_link}</p>',
         f"<h1>Package <code>{html.escape(package or page.removesuffix('.html'))}</code></h1>",
     ]
     nav: list[str] = [
@@ -760,7 +762,7 @@ def build(out: Path, proto_root: Path = DEFAULT_PROTO_ROOT, python: bool = True)
     contract = build_contract(load_descriptors(proto_root))
     prepare_out(out)
     for page, files in contract.pages().items():
-        (out / page).write_text(render_package_page(contract, page, files), encoding="utf-8")
+        (out / page).write_text(render_package_page(contract, page, files, python), encoding="utf-8")
     if python:
         build_python(out / "python")
     (out / "index.html").write_text(render_index(contract, python), encoding="utf-8")

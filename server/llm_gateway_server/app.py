@@ -35,7 +35,8 @@ from .routing.router import Router
 from .state.base import CacheBackend, RateLimitBackend
 from .state.memory import MemoryCache, MemoryRateLimits
 from .state.redis_backend import RedisCache, RedisRateLimits
-from .telemetry.metrics import BREAKER_STATE_VALUES, Metrics
+from .telemetry.metrics import Metrics, configured_models
+from .telemetry.tracing import build_tracing
 from .transport.health import BreakerHealth, watch_state_backends
 from .transport.server import ConnectionPolicy, GrpcServer, start_grpc
 from .transport.servicer import LLMGatewayServicer
@@ -123,11 +124,14 @@ def _transport_security(settings: Settings) -> ServerTls | None:
 
 
 def _interceptors(
-    settings: Settings, auth: AuthInterceptor | None, metrics: Metrics | None
+    settings: Settings,
+    auth: AuthInterceptor | None,
+    metrics: Metrics | None,
+    observability: ObservabilityInterceptor,
 ) -> tuple[list[grpc.aio.ServerInterceptor], list[RateLimitBackend | CacheBackend]]:
     """The chain, outermost first (observability → auth → validation → rate limit → cache), and
     its backends."""
-    chain: list[grpc.aio.ServerInterceptor] = [ObservabilityInterceptor(metrics, settings.log_content)]
+    chain: list[grpc.aio.ServerInterceptor] = [observability]
     backends: list[RateLimitBackend | CacheBackend] = []
     if auth is not None:
         chain.append(auth)
@@ -198,10 +202,13 @@ def build_application(settings: Settings, environ: Mapping[str, str]) -> Applica
         router, directory, settings.default_deadline_s, settings.stream_coalescing, settings.max_message_bytes
     )
     metrics = Metrics() if settings.metrics_port else None
+    # Metric labels name only the models the configuration names; others count as "other".
+    known_model = configured_models(catalog, settings.aliases)
     if metrics is not None:
-        gauge = metrics.breaker
-        states.subscribe(lambda d, state: gauge.labels(d.key).set(BREAKER_STATE_VALUES[state.value]))
-    chain, backends = _interceptors(settings, auth, metrics)
+        states.subscribe(metrics.breaker_listener(known_model))
+    tracing = build_tracing(settings.tracing)
+    observability = ObservabilityInterceptor(metrics, settings.log_content, known_model, tracing)
+    chain, backends = _interceptors(settings, auth, metrics, observability)
     known = _known_deployments(settings, catalog, registry)
     return Application(catalog, registry, states, servicer, chain, tuple(backends), metrics, known)
 

@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="worker processes sharing the port with SO_REUSEPORT, supervised and restarted when they "
-        "exit (default 1); worker i serves metrics on metrics_port + i",
+        "exit (default 1); the supervisor serves all workers' metrics, summed, on metrics_port",
     )
     commands.add_parser("hash-key", help="read an API key on stdin, print its key_sha256 for the config file")
     return parser
@@ -79,13 +79,13 @@ def _bind_problem(host: str, port: int, *, reuse_port: bool) -> OSError | None:
     return problem
 
 
-def _cannot_bind(host: str, port: int, error: OSError | None, settings: tuple[str, str], worker: int = 0) -> str:
-    """`cannot bind H:P (the setting to change): reason`; `worker` i > 0 serves metrics on port + i."""
+def _cannot_bind(host: str, port: int, error: OSError | None, settings: tuple[str, str]) -> str:
+    """`cannot bind H:P (the setting to change): reason`."""
     host_setting, port_setting = settings
     if isinstance(error, socket.gaierror) or (error is not None and error.errno == errno.EADDRNOTAVAIL):
         setting = host_setting
     else:
-        setting = port_setting + (f", + {worker} for worker {worker}" if worker else "")
+        setting = port_setting
     reason = _reason(error) if error is not None else "the address could not be bound"
     return f"cannot bind {_address(host, port)} ({setting}): {reason}"
 
@@ -126,14 +126,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     problem = _bind_problem(settings.host, settings.port, reuse_port=reuse_port) if settings.port else None
     if problem is not None:
         return _fail(_cannot_bind(settings.host, settings.port, problem, _GRPC_SETTINGS), channel)
-    if args.workers <= 1 and settings.metrics_port:  # a supervisor leaves metrics_port + i to worker i
+    if channel is None and settings.metrics_port:  # workers serve no metrics: their supervisor serves them all
         problem = _bind_problem(settings.metrics_host, settings.metrics_port, reuse_port=False)
         if problem is not None:
-            worker = channel.index if channel is not None else 0
-            line = _cannot_bind(settings.metrics_host, settings.metrics_port, problem, _METRICS_SETTINGS, worker)
-            return _fail(line, channel)
+            return _fail(_cannot_bind(settings.metrics_host, settings.metrics_port, problem, _METRICS_SETTINGS), None)
     if args.workers > 1:
-        return run_workers(args.workers, argv if argv is not None else sys.argv[1:], settings)
+        try:
+            return run_workers(args.workers, argv if argv is not None else sys.argv[1:], settings)
+        except MetricsBindError as exc:
+            return _fail(_cannot_bind(exc.host, exc.port, exc, _METRICS_SETTINGS), None)
     if settings.event_loop == "uvloop":
         try:
             import uvloop  # noqa: PLC0415 - optional dependency, chosen by configuration
@@ -149,8 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         problem = _bind_problem(settings.host, settings.port, reuse_port=settings.reuse_port)
         return _fail(_cannot_bind(settings.host, settings.port, problem, _GRPC_SETTINGS), channel)
     except MetricsBindError as exc:
-        worker = channel.index if channel is not None else 0
-        return _fail(_cannot_bind(exc.host, exc.port, exc, _METRICS_SETTINGS, worker), channel)
+        return _fail(_cannot_bind(exc.host, exc.port, exc, _METRICS_SETTINGS), channel)
     return 0
 
 

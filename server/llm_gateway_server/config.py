@@ -255,6 +255,19 @@ class TlsSettings(BaseModel):
     allow_plaintext: bool = False
 
 
+class TracingSettings(BaseModel):
+    """OpenTelemetry traces (telemetry/tracing.py; the `otel` extra installs the packages): one
+    SERVER span per RPC with the GenAI attributes, exported over OTLP/gRPC. Off by default.
+    `otlp_endpoint`: the collector, e.g. "http://127.0.0.1:4317" (None: the exporter's default or
+    `OTEL_EXPORTER_OTLP_ENDPOINT`); `service_name`: the `service.name` resource attribute."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    otlp_endpoint: str | None = None
+    service_name: str = Field(default="llm-gateway", min_length=1, max_length=256)
+
+
 class Settings(BaseSettings):
     """Gateway settings. Every field can be set as `LLM_GATEWAY_<FIELD>` or in the YAML file.
 
@@ -298,6 +311,7 @@ class Settings(BaseSettings):
         event_loop: "uvloop" (default when installed; cheaper per call, bench/NOTES.md) or
             "asyncio".
         tls: certificate, key and client CA files, and `allow_plaintext` (see TlsSettings).
+        tracing: OpenTelemetry traces, off by default (see TracingSettings).
         reuse_port: bind with SO_REUSEPORT (set by `serve --workers` in each worker through
             `LLM_GATEWAY_REUSE_PORT=1`; off otherwise, so a second gateway on a busy port fails).
     """
@@ -339,6 +353,7 @@ class Settings(BaseSettings):
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
     reuse_port: bool = False
     tls: TlsSettings = Field(default_factory=TlsSettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
 
     @model_validator(mode="after")
     def _unique_provider_names(self) -> Settings:

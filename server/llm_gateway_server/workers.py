@@ -1,9 +1,13 @@
 """`llm-gateway serve --workers N`: N server processes on one port (SO_REUSEPORT), so every core
-serves; the kernel spreads connections across them. The parent only supervises. Worker i serves
-its metrics on `metrics_port + i` (0 stays disabled).
+serves; the kernel spreads connections across them. The parent supervises, and serves the
+metrics of all of them on `metrics_port` (0 stays disabled): it creates an empty directory,
+passes it to every worker as `PROMETHEUS_MULTIPROC_DIR` (prometheus-client's multiprocess mode:
+the workers write their values there and serve no HTTP), serves one `/metrics` with the counters
+and histograms summed over every worker (a restarted worker's counts stay), drops an exited
+worker's live gauges, and removes the directory when it exits (`telemetry.metrics.SharedMetrics`).
 
 Start: each worker gets one end of a socket pair (`LLM_GATEWAY_WORKER_FD`, passed with
-`pass_fds`) and writes `READY` to it once its gRPC and metrics servers are up, or `FAILED` and a
+`pass_fds`) and writes `READY` to it once its gRPC server is up, or `FAILED` and a
 one-line reason when it cannot start. The supervisor waits for every worker: if one fails (or
 exits, or is not ready within `RestartPolicy.start_timeout_s`), it stops the others, prints
 `llm-gateway: worker <i>: <reason>` and exits 2 — never a half-started gateway. The same socket
@@ -38,6 +42,7 @@ from typing import Any
 import structlog
 
 from .config import Settings
+from .telemetry.metrics import SharedMetrics
 
 log = structlog.get_logger(__name__)
 REUSE_PORT_ENV = "LLM_GATEWAY_REUSE_PORT"
@@ -213,6 +218,7 @@ class _Supervisor:
     draining: asyncio.Event = field(default_factory=asyncio.Event)
     unclean: list[str] = field(default_factory=list)
     initially_ready: int = 0
+    metrics: SharedMetrics | None = None
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -287,9 +293,8 @@ class _Supervisor:
             REUSE_PORT_ENV: "1",
             WORKER_FD_ENV: str(theirs.fileno()),
             WORKER_INDEX_ENV: str(index),
+            **(self.metrics.environment() if self.metrics is not None else {}),
         }
-        if self.settings.metrics_port:
-            env["LLM_GATEWAY_METRICS_PORT"] = str(self.settings.metrics_port + index)
         try:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -364,6 +369,8 @@ class _Supervisor:
                 last = reason
             del self.live[index]
             worker.close()
+            if self.metrics is not None:
+                self.metrics.process_exited(pid)
             exit_fields = {"worker": index, "pid": pid, **_exit_fields(returncode)}
             if self.draining.is_set():
                 if worker.ready_at is not None and returncode != 0:
@@ -401,9 +408,17 @@ def run_workers(count: int, argv: Sequence[str], settings: Settings, policy: Res
     Returns:
         0 when every serving worker drained cleanly; 1 when one did not, or a worker keeps
         crashing; 2 when a worker could not start (nothing is left running).
+    Raises:
+        MetricsBindError: `metrics_host:metrics_port` cannot be bound (no worker was started).
     """
     if settings.port == 0:
         print("llm-gateway: --workers needs a fixed --port (not 0)", file=sys.stderr)
         return 2
-    supervisor = _Supervisor(count, _worker_argv(argv), settings, policy or RESTART_POLICY)
-    return asyncio.run(supervisor.run())
+    # Bound before any worker starts (a busy port fails the start, nothing left running).
+    metrics = SharedMetrics(settings.metrics_host, settings.metrics_port) if settings.metrics_port else None
+    supervisor = _Supervisor(count, _worker_argv(argv), settings, policy or RESTART_POLICY, metrics=metrics)
+    try:
+        return asyncio.run(supervisor.run())
+    finally:
+        if metrics is not None:
+            metrics.close()

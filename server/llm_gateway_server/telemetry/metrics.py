@@ -31,7 +31,9 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 
 if TYPE_CHECKING:
     from ..config import AliasSettings
+    from ..routing.breaker import BreakerState
     from ..routing.catalog import Catalog
+    from ..routing.resolver import Deployment
 
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -216,6 +218,17 @@ class Metrics:
         )
         self._server: Any = None
 
+    def breaker_listener(self, known_model: KnownModel) -> Callable[[Deployment, BreakerState], None]:
+        """A `DeploymentStates` listener that sets the breaker gauge of the deployments whose
+        model the configuration names (others are only logged: `breaker_transition`)."""
+        gauge = self.breaker
+
+        def on_transition(deployment: Deployment, state: BreakerState) -> None:
+            if known_model(deployment.provider.name, deployment.provider_model):
+                gauge.labels(deployment.key).set(BREAKER_STATE_VALUES[state.value])
+
+        return on_transition
+
     def serve(self, host: str, port: int) -> None:
         """Starts the HTTP exposition server (`/metrics`) on host:port; in multiprocess mode it
         serves nothing (the supervisor serves every worker's values, `SharedMetrics`).
@@ -244,7 +257,7 @@ class SharedMetrics:
     def __init__(self, host: str, port: int) -> None:
         self.path = tempfile.mkdtemp(prefix="llm-gateway-metrics-")
         self.registry = CollectorRegistry()
-        MultiProcessCollector(self.registry, path=self.path)
+        MultiProcessCollector(self.registry, path=self.path)  # type: ignore[no-untyped-call]
         try:
             self._server: Any = _serve(self.registry, host, port)
         except BaseException:
@@ -258,7 +271,7 @@ class SharedMetrics:
     def process_exited(self, pid: int) -> None:
         """Drops the live gauges (in flight, breaker state) of an exited worker; its counters and
         histograms stay in the sums."""
-        mark_process_dead(pid, self.path)
+        mark_process_dead(pid, self.path)  # type: ignore[no-untyped-call]
 
     def close(self) -> None:
         """Stops serving and removes the directory. Idempotent."""
@@ -266,4 +279,3 @@ class SharedMetrics:
             _shutdown(self._server)
             self._server = None
         shutil.rmtree(self.path, ignore_errors=True)
-

@@ -52,7 +52,7 @@ def finish_reason_name(value: int) -> str:
     """`FINISH_REASON_TOOL_CALLS` (a `pb.FinishReason`) → "tool_calls" ("" when unspecified)."""
     if value == pb.FINISH_REASON_UNSPECIFIED:
         return ""
-    return str(pb.FinishReason.Name(value)).removeprefix("FINISH_REASON_").lower()  # type: ignore[arg-type]
+    return str(pb.FinishReason.Name(value)).removeprefix("FINISH_REASON_").lower()
 
 
 class RpcTracing:
@@ -80,10 +80,7 @@ class RpcTracing:
                 attributes["gen_ai.request.top_p"] = options.top_p
             if options.HasField("max_output_tokens"):
                 attributes["gen_ai.request.max_tokens"] = options.max_output_tokens
-        if operation is None:
-            span_name = f"{service}/{name}"
-        else:
-            span_name = f"{operation} {model}" if model else operation
+        span_name = f"{service}/{name}" if operation is None else f"{operation} {model}".rstrip()
         carrier = {k: v for k, v in metadata or () if isinstance(v, str)}
         parent = self._propagator.extract(carrier) if carrier else None
         return self._tracer.start_span(span_name, context=parent, kind=SpanKind.SERVER, attributes=attributes)
