@@ -19,7 +19,7 @@ TARGET ?= 127.0.0.1:50051
 DEMO_OPTS ?= --max-tokens 48 --temperature 0 --stop '<|im_end|>' --stop '<|im_start|>'
 
 .PHONY: help setup run run-dev test coverage lint format proto proto-check buf-lint clean test-chat demo demo-chat test-real-model bench bench-quick bench-litellm bench-instructions \
-  docker-build docker-run docker-stop test-openai test-anthropic test-groq test-ollama docs
+  docker-build docker-run docker-stop test-openai test-anthropic test-groq test-ollama docs check-rules
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'

@@ -273,6 +273,7 @@ def test_dockerignore_keeps_the_context_small() -> None:
         ".tools/node_modules/.bin/buf",
         ".git/HEAD",
         "bench/.litellm-venv/bin/litellm",
+        "server/llm_gateway_server/__pycache__",
         "server/llm_gateway_server/__pycache__/app.cpython-311.pyc",
         "clients/python/src/llm_gateway/v1/__pycache__/llm_gateway_pb2.cpython-311.pyc",
         "__pycache__/x.pyc",
@@ -652,6 +653,10 @@ def _healthcheck_until_healthy(started: Started, uid_gid: tuple[int, int] | None
 
 def _check_running_image(started: Started, venv: Path, uid_gid: tuple[int, int] | None = None) -> None:
     _healthcheck_until_healthy(started, uid_gid)
+    if uid_gid is not None:  # the gateway runs as the image's USER, with nothing of root's
+        status = Path(f"/proc/{started.process.pid}/status").read_text(encoding="ascii")
+        ids = {line.split(":")[0]: line.split()[1:] for line in status.splitlines() if line.startswith(("Uid", "Gid"))}
+        assert ids == {"Uid": [str(uid_gid[0])] * 4, "Gid": [str(uid_gid[1])] * 4}, ids
     # gRPC and /metrics listen on every interface (0.0.0.0 or ::), as the image's ENV says.
     for port in (started.grpc_port, started.metrics_port):
         addresses = _listening_addresses(port)

@@ -19,6 +19,7 @@ config of the README working from a Python client over `dns:///`.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import re
 import shutil
@@ -169,7 +170,19 @@ def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
 
-RENDERS = {"base": render(BASE), "production": render(PRODUCTION)}
+RENDER_DIRS = {"base": BASE, "production": PRODUCTION}
+
+
+@functools.cache
+def _rendered(name: str) -> list[dict[str, Any]]:
+    return render(RENDER_DIRS[name])
+
+
+def rendered(name: str) -> list[dict[str, Any]]:
+    """The objects of `base` or `production`, rendered once per run (a fresh copy each call)."""
+    return copy.deepcopy(_rendered(name))
+
+
 OVERLAY_PATCHES = [PRODUCTION / entry["path"] for entry in kustomization(PRODUCTION)["patches"]]
 
 
@@ -222,9 +235,9 @@ def test_every_manifest_is_valid(path: Path) -> None:
         validate(doc, str(path.relative_to(K8S)))
 
 
-@pytest.mark.parametrize("name", RENDERS)
+@pytest.mark.parametrize("name", RENDER_DIRS)
 def test_rendered_objects_are_valid(name: str) -> None:
-    for obj in RENDERS[name]:
+    for obj in rendered(name):
         validate(obj, f"{name} (rendered)")
 
 
@@ -243,14 +256,14 @@ def test_kustomizations_and_patch_targets() -> None:
     for directory in (BASE, PRODUCTION):
         spec = kustomization(directory)
         assert (spec["apiVersion"], spec["kind"]) == ("kustomize.config.k8s.io/v1beta1", "Kustomization")
-    base_ids = {identity(o): o["apiVersion"] for o in RENDERS["base"]}
+    base_ids = {identity(o): o["apiVersion"] for o in rendered("base")}
     for patch_file in OVERLAY_PATCHES:
         (patch,) = load_yaml(patch_file)
         assert base_ids.get(identity(patch)) == patch["apiVersion"], f"{patch_file.name}: no such object in the base"
-    image_names = {c["image"].rsplit(":", 1)[0] for o in RENDERS["base"] for c in pod_containers(o)}
+    image_names = {c["image"].rsplit(":", 1)[0] for o in rendered("base") for c in pod_containers(o)}
     for rule in kustomization(PRODUCTION)["images"]:
         assert rule["name"] in image_names
-    assert {identity(o) for o in RENDERS["production"]} == set(base_ids)
+    assert {identity(o) for o in rendered("production")} == set(base_ids)
 
 
 def normalized(value: Any) -> Any:
@@ -265,23 +278,23 @@ def normalized(value: Any) -> Any:
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize built in) is not installed")
-@pytest.mark.parametrize("name", RENDERS)
+@pytest.mark.parametrize("name", RENDER_DIRS)
 def test_renderer_agrees_with_kustomize(name: str) -> None:
-    directory = {"base": BASE, "production": PRODUCTION}[name]
+    directory = RENDER_DIRS[name]
     built = subprocess.run(
         ["kubectl", "kustomize", str(directory)], capture_output=True, text=True, timeout=60, check=True
     ).stdout
     theirs = {identity(o): normalized(o) for o in yaml.safe_load_all(built) if o}
-    ours = {identity(o): normalized(o) for o in RENDERS[name]}
+    ours = {identity(o): normalized(o) for o in rendered(name)}
     assert ours == theirs
 
 
 # -- the facts -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", RENDERS)
+@pytest.mark.parametrize("name", RENDER_DIRS)
 def test_probes_are_native_grpc_health_checks(name: str) -> None:
-    _, _, container = deployment_parts(RENDERS[name])
+    _, _, container = deployment_parts(rendered(name))
     expected = {"startupProbe": SERVICE_NAME, "readinessProbe": SERVICE_NAME, "livenessProbe": ""}
     assert SERVICE_NAME == "llm_gateway.v1.LLMGatewayService"
     for probe_name, service in expected.items():
@@ -291,10 +304,10 @@ def test_probes_are_native_grpc_health_checks(name: str) -> None:
         assert isinstance(probe["grpc"]["port"], int)  # a gRPC probe's port cannot be a name
 
 
-@pytest.mark.parametrize("name", RENDERS)
+@pytest.mark.parametrize("name", RENDER_DIRS)
 def test_runs_as_the_images_numeric_non_root_user(name: str) -> None:
     uid = int(re.search(r"useradd [^\n]*--uid (\d+)", (ROOT / "Dockerfile").read_text()).group(1))
-    _, pod, container = deployment_parts(RENDERS[name])
+    _, pod, container = deployment_parts(rendered(name))
     for context in (pod["spec"]["securityContext"], container["securityContext"]):
         assert context["runAsNonRoot"] is True
         assert type(context["runAsUser"]) is int and context["runAsUser"] == uid != 0
@@ -307,9 +320,9 @@ def test_runs_as_the_images_numeric_non_root_user(name: str) -> None:
     assert "emptyDir" in next(v for v in pod["spec"]["volumes"] if v["name"] == tmp["name"])
 
 
-@pytest.mark.parametrize("name", RENDERS)
+@pytest.mark.parametrize("name", RENDER_DIRS)
 def test_resources_are_set(name: str) -> None:
-    _, _, container = deployment_parts(RENDERS[name])
+    _, _, container = deployment_parts(rendered(name))
     for kind in ("requests", "limits"):
         assert set(container["resources"][kind]) >= {"cpu", "memory"}, kind
 
@@ -325,21 +338,21 @@ def prestop_sleep_s(container: dict[str, Any]) -> float:
     return float(command[1])
 
 
-@pytest.mark.parametrize("name", RENDERS)
+@pytest.mark.parametrize("name", RENDER_DIRS)
 def test_termination_grace_covers_the_drain(name: str, tmp_path: Path) -> None:
     """preStop sleep (if any) + the gateway's pre-stop delay + its drain grace + a margin, with
     the delay and grace as the gateway reads them from the manifests' config and env."""
-    _, pod, container = deployment_parts(RENDERS[name])
-    settings = gateway_settings(RENDERS[name], tmp_path)
+    _, pod, container = deployment_parts(rendered(name))
+    settings = gateway_settings(rendered(name), tmp_path)
     assert settings.prestop_delay_s > 0, "no pre-stop delay: calls would be refused while endpoints update"
     drain = prestop_sleep_s(container) + settings.prestop_delay_s + settings.grace_period_s
     assert pod["spec"]["terminationGracePeriodSeconds"] >= drain + DRAIN_MARGIN_S
 
 
-@pytest.mark.parametrize("name", RENDERS)
+@pytest.mark.parametrize("name", RENDER_DIRS)
 def test_config_map_loads_with_the_gateways_settings(name: str, tmp_path: Path) -> None:
-    settings = gateway_settings(RENDERS[name], tmp_path)
-    _, _, container = deployment_parts(RENDERS[name])
+    settings = gateway_settings(rendered(name), tmp_path)
+    _, _, container = deployment_parts(rendered(name))
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"grpc": GRPC_PORT, "metrics": METRICS_PORT}
     assert (settings.host, settings.port) == ("0.0.0.0", GRPC_PORT)
@@ -351,9 +364,9 @@ def test_config_map_loads_with_the_gateways_settings(name: str, tmp_path: Path) 
     assert settings.max_connection_age_s <= 600  # connections rebalance
 
 
-@pytest.mark.parametrize("name", RENDERS)
+@pytest.mark.parametrize("name", RENDER_DIRS)
 def test_references_resolve(name: str) -> None:
-    objects = RENDERS[name]
+    objects = rendered(name)
     _, pod, container = deployment_parts(objects)
     one(objects, "ServiceAccount", pod["spec"]["serviceAccountName"])
     (secret,) = load_yaml(SECRET_EXAMPLE)
@@ -365,9 +378,9 @@ def test_references_resolve(name: str) -> None:
     assert secret["metadata"]["namespace"] == namespace
 
 
-@pytest.mark.parametrize("name", RENDERS)
+@pytest.mark.parametrize("name", RENDER_DIRS)
 def test_services_select_the_pods_and_name_the_ports(name: str) -> None:
-    objects = RENDERS[name]
+    objects = rendered(name)
     _, pod, container = deployment_parts(objects)
     labels = pod["metadata"]["labels"]
     container_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
@@ -385,9 +398,9 @@ def test_services_select_the_pods_and_name_the_ports(name: str) -> None:
         assert ports["grpc"]["appProtocol"] == "grpc"
 
 
-@pytest.mark.parametrize("name", RENDERS)
+@pytest.mark.parametrize("name", RENDER_DIRS)
 def test_service_monitor_scrapes_the_metrics_port_once(name: str) -> None:
-    objects = RENDERS[name]
+    objects = rendered(name)
     monitor = one(objects, "ServiceMonitor", "llm-gateway")
     assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
     selector = monitor["spec"]["selector"]["matchLabels"]
@@ -401,9 +414,9 @@ def test_service_monitor_scrapes_the_metrics_port_once(name: str) -> None:
     assert {p["name"]: p["port"] for p in service["spec"]["ports"]}[endpoint["port"]] == METRICS_PORT
 
 
-@pytest.mark.parametrize("name", RENDERS)
+@pytest.mark.parametrize("name", RENDER_DIRS)
 def test_hpa_scales_on_cpu_and_in_flight_calls_and_scales_down_slowly(name: str) -> None:
-    objects = RENDERS[name]
+    objects = rendered(name)
     deployment = one(objects, "Deployment", "llm-gateway")
     hpa = one(objects, "HorizontalPodAutoscaler", "llm-gateway")["spec"]
     assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "llm-gateway"}
@@ -418,9 +431,9 @@ def test_hpa_scales_on_cpu_and_in_flight_calls_and_scales_down_slowly(name: str)
     assert hpa["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300
 
 
-@pytest.mark.parametrize("name", RENDERS)
+@pytest.mark.parametrize("name", RENDER_DIRS)
 def test_pdb_allows_one_disruption_at_min_replicas(name: str) -> None:
-    objects = RENDERS[name]
+    objects = rendered(name)
     _, pod, _ = deployment_parts(objects)
     pdb = one(objects, "PodDisruptionBudget", "llm-gateway")["spec"]
     min_replicas = one(objects, "HorizontalPodAutoscaler")["spec"]["minReplicas"]
@@ -431,9 +444,9 @@ def test_pdb_allows_one_disruption_at_min_replicas(name: str) -> None:
         assert pdb["minAvailable"] < min_replicas
 
 
-@pytest.mark.parametrize("name", RENDERS)
+@pytest.mark.parametrize("name", RENDER_DIRS)
 def test_network_policy_admits_grpc_and_metrics(name: str) -> None:
-    objects = RENDERS[name]
+    objects = rendered(name)
     _, pod, _ = deployment_parts(objects)
     policy = one(objects, "NetworkPolicy", "llm-gateway")["spec"]
     assert selects(policy["podSelector"]["matchLabels"], pod["metadata"]["labels"])
@@ -442,6 +455,13 @@ def test_network_policy_admits_grpc_and_metrics(name: str) -> None:
     assert ingress == {GRPC_PORT, METRICS_PORT}
     egress = {p["port"] for rule in policy["egress"] for p in rule["ports"]}
     assert egress >= {53, 6379, 5432, 443}  # DNS, Redis, PostgreSQL, the providers
+
+
+def test_hpa_metric_is_a_gauge_of_the_gateway() -> None:
+    from llm_gateway_server.telemetry.metrics import Metrics
+
+    families = {family.name: family for family in Metrics().registry.collect()}
+    assert families[IN_FLIGHT_METRIC].type == "gauge"
 
 
 def test_prometheus_adapter_rule_serves_the_hpa_metric() -> None:
@@ -457,7 +477,7 @@ def test_prometheus_adapter_rule_serves_the_hpa_metric() -> None:
 
 
 def test_readme_documents_the_headless_target() -> None:
-    headless = one(RENDERS["base"], "Service", "llm-gateway-headless")["metadata"]
+    headless = one(rendered("base"), "Service", "llm-gateway-headless")["metadata"]
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert f"dns:///{headless['name']}.{headless['namespace']}.svc.cluster.local:{GRPC_PORT}" in readme
     assert SERVICE_CONFIG in readme

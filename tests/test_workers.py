@@ -65,20 +65,6 @@ def _holding(port: int) -> Iterator[socket.socket]:
         sock.close()
 
 
-def _two_free_ports() -> int:
-    """A port p such that p and p + 1 are both free (metrics of worker 0 and worker 1)."""
-    for _ in range(50):
-        port = free_port()
-        if port >= 65535:
-            continue
-        try:
-            with _holding(port + 1):
-                return port
-        except OSError:
-            continue
-    raise RuntimeError("no two consecutive free ports")
-
-
 def _one_error_line(stderr: str) -> str:
     assert "Traceback" not in stderr, stderr
     lines = [line for line in stderr.splitlines() if line.strip()]
@@ -144,14 +130,52 @@ def _listening_ports(pid: int) -> set[int]:
     return ports
 
 
-def _workers_by_metrics_port(supervisor: int, port: int, metrics_ports: list[int]) -> dict[int, int] | None:
-    """{metrics port: pid} once every worker listens on the gRPC port and its metrics port."""
+def worker_environment(pid: int) -> dict[str, str]:
+    """The environment a process started with (its supervisor set the worker's variables)."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+
+
+def workers_by_index(supervisor: int, port: int, count: int = 2) -> dict[int, int] | None:
+    """{worker index: pid} once `count` workers listen on the gRPC port."""
     found: dict[int, int] = {}
     for child in _children(supervisor):
-        ports = _listening_ports(child)
-        if port in ports:
-            found.update({m: child for m in metrics_ports if m in ports})
-    return found if len(found) == len(metrics_ports) else None
+        if port in _listening_ports(child):
+            index = worker_environment(child).get("LLM_GATEWAY_WORKER_INDEX")
+            if index is not None:
+                found[int(index)] = child
+    return found if len(found) == count else None
+
+
+_UNASSIGNABLE_HOST = "192.0.2.1"  # TEST-NET-1 (RFC 5737): never a local address
+
+
+def _failing_worker_argv(port: int, marker: Path, policy: str = "") -> list[str]:
+    """A supervisor (`--workers 2`) that starts worker 1 with an address it cannot bind while
+    `marker` exists: that worker then fails at once with a one-line reason. `policy`: Python
+    setting `workers.RESTART_POLICY`."""
+    code = (
+        "import asyncio, os, sys\n"
+        "from llm_gateway_server import cli, workers\n"
+        f"{policy}\n"
+        "spawn = asyncio.create_subprocess_exec\n"
+        "async def spawn_worker(*args, env, **kwargs):\n"
+        f"    if env.get(workers.WORKER_INDEX_ENV) == '1' and os.path.exists({str(marker)!r}):\n"
+        f"        env = {{**env, 'LLM_GATEWAY_HOST': '{_UNASSIGNABLE_HOST}'}}\n"
+        "    return await spawn(*args, env=env, **kwargs)\n"
+        "asyncio.create_subprocess_exec = spawn_worker\n"
+        f"sys.exit(cli.main(['serve', '--port', '{port}', '--workers', '2']))\n"
+    )
+    return [sys.executable, "-c", code]
+
+
+def _worker_1_cannot_bind(port: int) -> str:
+    return (
+        f"cannot bind {_UNASSIGNABLE_HOST}:{port} (host / --host / LLM_GATEWAY_HOST): cannot assign requested address"
+    )
 
 
 def _alive(pid: int) -> bool:
@@ -262,14 +286,33 @@ def test_workers_grpc_port_in_use_is_one_line_from_the_supervisor() -> None:
 # --- --workers: supervision ---------------------------------------------------------------------
 
 
-def test_workers_start_fails_whole_when_one_worker_cannot_start() -> None:
-    """Worker 1's metrics port (metrics_port + 1) is taken: the supervisor stops worker 0 and exits 2
-    with worker 1's reason, instead of serving on with one worker."""
-    port, metrics_port = free_port(), _two_free_ports()
-    with (
-        _holding(metrics_port + 1),
-        _supervisor(_serve_argv(port, "--workers", "2"), _env(metrics_port)) as (process, lines),
-    ):
+def test_workers_metrics_port_in_use_is_one_line_from_the_supervisor() -> None:
+    """The supervisor serves every worker's metrics: its busy port fails the start before any worker."""
+    port, metrics_port = free_port(), free_port()
+    with _holding(metrics_port):
+        result = subprocess.run(
+            _serve_argv(port, "--workers", "2"),
+            env=_env(metrics_port),
+            capture_output=True,
+            text=True,
+            timeout=START_TIMEOUT_S,
+            check=False,
+        )
+    assert result.returncode == 2, result.stderr
+    assert _one_error_line(result.stderr) == (
+        f"llm-gateway: cannot bind 127.0.0.1:{metrics_port} (metrics_port / LLM_GATEWAY_METRICS_PORT): "
+        "address already in use"
+    )
+    assert '"worker_ready"' not in result.stdout
+
+
+def test_workers_start_fails_whole_when_one_worker_cannot_start(tmp_path: Path) -> None:
+    """Worker 1 cannot bind its address: the supervisor stops worker 0 and exits 2 with worker 1's
+    reason, instead of serving on with one worker."""
+    port, metrics_port = free_port(), free_port()
+    marker = tmp_path / "fail-worker-1"
+    marker.touch()
+    with _supervisor(_failing_worker_argv(port, marker), _env(metrics_port)) as (process, lines):
         try:
             process.wait(timeout=START_TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -278,39 +321,41 @@ def test_workers_start_fails_whole_when_one_worker_cannot_start() -> None:
         stderr = process.stderr.read() if process.stderr else ""
         workers_left = [pid for pid in _children(process.pid) if _alive(pid)]
     assert process.returncode == 2, stderr
-    assert _one_error_line(stderr) == (
-        f"llm-gateway: worker 1: cannot bind 127.0.0.1:{metrics_port + 1} "
-        "(metrics_port / LLM_GATEWAY_METRICS_PORT, + 1 for worker 1): address already in use"
-    )
+    assert _one_error_line(stderr) == f"llm-gateway: worker 1: {_worker_1_cannot_bind(port)}"
     assert not workers_left
     assert not _serving(port, timeout_s=0.3)
     assert lines.events("worker_start_failed")
+    assert not _try_connect(metrics_port)  # the supervisor's metrics server is gone too
 
 
 def test_sigkilled_worker_is_restarted_and_sigterm_drains_all() -> None:
-    port, metrics_port = free_port(), _two_free_ports()
-    metrics_ports = [metrics_port, metrics_port + 1]
+    port, metrics_port = free_port(), free_port()
     with _supervisor(_serve_argv(port, "--workers", "2"), _env(metrics_port)) as (process, lines):
-        before = _wait_until(
-            lambda: _workers_by_metrics_port(process.pid, port, metrics_ports), START_TIMEOUT_S, "both workers"
-        )
+        before = _wait_until(lambda: workers_by_index(process.pid, port), START_TIMEOUT_S, "both workers")
         assert _serving(port)
-        victim = before[metrics_port + 1]
+        # The supervisor serves the metrics of all of them; workers serve none.
+        assert metrics_port in _listening_ports(process.pid)
+        assert not any(metrics_port in _listening_ports(pid) for pid in before.values())
+        shared = {worker_environment(pid).get("PROMETHEUS_MULTIPROC_DIR") for pid in before.values()}
+        assert len(shared) == 1 and None not in shared
+        metrics_dir = Path(str(shared.pop()))
+        assert metrics_dir.is_dir()
+        victim = before[1]
         killed_at = time.monotonic()
         os.kill(victim, signal.SIGKILL)
 
         def restarted() -> dict[int, int] | None:
-            now = _workers_by_metrics_port(process.pid, port, metrics_ports)
-            return now if now and now[metrics_port + 1] != victim else None
+            now = workers_by_index(process.pid, port)
+            return now if now and now[1] != victim else None
 
-        after = _wait_until(restarted, 10, "worker 1 restarted (listening on the gRPC and its metrics port)")
+        after = _wait_until(restarted, 10, "worker 1 restarted (listening on the gRPC port)")
         _wait_until(lambda: _serving(port), 5, "health SERVING")
         elapsed = time.monotonic() - killed_at
-        assert after[metrics_port] == before[metrics_port]  # worker 0 untouched
+        assert after[0] == before[0]  # worker 0 untouched
         exits = _wait_until(lambda: lines.events("worker_exited"), 5, "the worker_exited log line")
         assert exits[0]["worker"] == 1 and exits[0]["pid"] == victim
         assert exits[0]["signal"] == "SIGKILL" and exits[0]["restart_in_s"] > 0
-        ready = [e for e in lines.events("worker_ready") if e["pid"] == after[metrics_port + 1]]
+        ready = [e for e in lines.events("worker_ready") if e["pid"] == after[1]]
         assert ready and ready[0]["worker"] == 1
         # Within 2 s (~1.3 s idle). Most of it is the new worker's own start (imports, ~1.1 s idle), which a
         # loaded machine stretches; the supervisor's share (exit seen, backoff, readiness) must stay small.
@@ -321,16 +366,14 @@ def test_sigkilled_worker_is_restarted_and_sigterm_drains_all() -> None:
         assert process.wait(timeout=15) == 0, process.stderr.read() if process.stderr else ""
         assert not [pid for pid in after.values() if _alive(pid)]
     assert lines.events("workers_stopped")
+    assert not metrics_dir.exists()  # the supervisor removes the workers' metrics directory
 
 
 def test_sighup_to_the_supervisor_without_tls_is_ignored() -> None:
     """SIGHUP (TLS reload) used to kill the supervisor; without TLS there is nothing to reload."""
-    port, metrics_port = free_port(), _two_free_ports()
-    metrics_ports = [metrics_port, metrics_port + 1]
+    port, metrics_port = free_port(), free_port()
     with _supervisor(_serve_argv(port, "--workers", "2"), _env(metrics_port)) as (process, lines):
-        before = _wait_until(
-            lambda: _workers_by_metrics_port(process.pid, port, metrics_ports), START_TIMEOUT_S, "both workers"
-        )
+        before = _wait_until(lambda: workers_by_index(process.pid, port), START_TIMEOUT_S, "both workers")
         process.send_signal(signal.SIGHUP)
         _wait_until(lambda: lines.events("workers_sighup"), 5, "the workers_sighup log line")
         assert process.poll() is None and all(_alive(pid) for pid in before.values())
@@ -339,47 +382,33 @@ def test_sighup_to_the_supervisor_without_tls_is_ignored() -> None:
         assert process.wait(timeout=15) == 0
 
 
-def test_worker_that_keeps_crashing_fails_the_supervisor_with_exit_1() -> None:
-    """Worker 1 is killed and its metrics port taken: every restart fails at once. With a short
-    policy (2 fast failures) the supervisor gives up, stops worker 0 and exits 1."""
-    port, metrics_port = free_port(), _two_free_ports()
-    metrics_ports = [metrics_port, metrics_port + 1]
-    code = (
-        "import sys; from llm_gateway_server import workers, cli; "
-        "workers.RESTART_POLICY = workers.RestartPolicy(base_delay_s=0.05, max_fast_failures=2); "
-        f"sys.exit(cli.main(['serve', '--port', '{port}', '--workers', '2']))"
-    )
-    with _supervisor([sys.executable, "-c", code], _env(metrics_port)) as (process, lines):
-        before = _wait_until(
-            lambda: _workers_by_metrics_port(process.pid, port, metrics_ports), START_TIMEOUT_S, "both workers"
-        )
-        os.kill(before[metrics_port + 1], signal.SIGKILL)
-        taken = _wait_until(lambda: _try_hold(metrics_port + 1), 5, "worker 1's metrics port to be free", 0.005)
+def test_worker_that_keeps_crashing_fails_the_supervisor_with_exit_1(tmp_path: Path) -> None:
+    """Worker 1 is killed, and from then on cannot bind its address: every restart fails at once.
+    With a short policy (2 fast failures) the supervisor gives up, stops worker 0 and exits 1."""
+    port, metrics_port = free_port(), free_port()
+    marker = tmp_path / "fail-worker-1"
+    policy = "workers.RESTART_POLICY = workers.RestartPolicy(base_delay_s=0.05, max_fast_failures=2)"
+    with _supervisor(_failing_worker_argv(port, marker, policy), _env(metrics_port)) as (process, lines):
+        before = _wait_until(lambda: workers_by_index(process.pid, port), START_TIMEOUT_S, "both workers")
+        marker.touch()
+        os.kill(before[1], signal.SIGKILL)
         try:
             process.wait(timeout=START_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             pytest.fail("the supervisor keeps running with a worker that cannot start")
-        finally:
-            taken.close()
         stderr = process.stderr.read() if process.stderr else ""
     assert process.returncode == 1, stderr
     line = _one_error_line(stderr)
     assert line.startswith("llm-gateway: worker 1 keeps crashing"), line
-    assert f"cannot bind 127.0.0.1:{metrics_port + 1}" in line, line
-    assert not _alive(before[metrics_port])
+    assert _worker_1_cannot_bind(port) in line, line
+    assert not _alive(before[0])
     assert lines.events("worker_crash_loop")
 
 
-def _try_hold(port: int) -> socket.socket | None:
-    sock = socket.socket()
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", port))
-        sock.listen()
-    except OSError:
-        sock.close()
-        return None
-    return sock
+def _try_connect(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def test_restart_policy_backs_off_caps_and_resets() -> None:
