@@ -109,8 +109,12 @@ class DeploymentStates:
         """Like `try_acquire`, telling a half-open trial (True) from a normal admission (False);
         None when the breaker refuses."""
         state = self.get(deployment)
-        trial = state.breaker.state(self.clock()) is BreakerState.HALF_OPEN
-        return trial if self.try_acquire(deployment) else None
+        now = self.clock()
+        breaker = state.breaker
+        trial = breaker.state(now) is BreakerState.HALF_OPEN
+        allowed = breaker.try_acquire(now)
+        self._notify(deployment, breaker.state(now))
+        return trial if allowed else None
 
     def release_trial(self, deployment: Deployment) -> None:
         """Returns a half-open trial slot of a call that ended with no outcome."""
