@@ -185,3 +185,13 @@ async def test_non_finite_numbers_in_a_struct_are_invalid_argument(gateway: Gate
     error = rich_error(await _failure(call))
     assert (error.code, error.info.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST")
     assert error.bad_request is not None and [f.field for f in error.bad_request.field_violations] == [field]
+
+
+@pytest.mark.parametrize("offset", ["Infinity", "1e400", "true", '"7"', "1.5"])
+async def test_a_forged_page_token_is_invalid_argument(gateway: Gateway, offset: str) -> None:
+    """Found by the hostile-input suite: a token whose offset was Infinity raised OverflowError (INTERNAL)."""
+    import base64
+
+    token = base64.urlsafe_b64encode(f'{{"o":{offset},"f":"|"}}'.encode()).decode().rstrip("=")
+    error = rich_error(await _failure(gateway.stub.ListModels(pb.ListModelsRequest(page_token=token))))
+    assert (error.code, error.info.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST")

@@ -21,6 +21,7 @@ import structlog
 
 from .config import ConfigError, Settings
 from .interceptors.auth import AuthInterceptor
+from .interceptors.base import GatewayInterceptor, InterceptorChain
 from .interceptors.cache import CacheInterceptor
 from .interceptors.observability import ObservabilityInterceptor
 from .interceptors.ratelimit import RateLimitInterceptor
@@ -128,10 +129,10 @@ def _interceptors(
     auth: AuthInterceptor | None,
     metrics: Metrics | None,
     observability: ObservabilityInterceptor,
-) -> tuple[list[grpc.aio.ServerInterceptor], list[RateLimitBackend | CacheBackend]]:
+) -> tuple[list[GatewayInterceptor], list[RateLimitBackend | CacheBackend]]:
     """The chain, outermost first (observability → auth → validation → rate limit → cache), and
     its backends."""
-    chain: list[grpc.aio.ServerInterceptor] = [observability]
+    chain: list[GatewayInterceptor] = [observability]
     backends: list[RateLimitBackend | CacheBackend] = []
     if auth is not None:
         chain.append(auth)
@@ -210,7 +211,8 @@ def build_application(settings: Settings, environ: Mapping[str, str]) -> Applica
     observability = ObservabilityInterceptor(metrics, settings.log_content, known_model, tracing)
     chain, backends = _interceptors(settings, auth, metrics, observability)
     known = _known_deployments(settings, catalog, registry)
-    return Application(catalog, registry, states, servicer, chain, tuple(backends), metrics, known)
+    interceptors: list[grpc.aio.ServerInterceptor] = [InterceptorChain(chain)]
+    return Application(catalog, registry, states, servicer, interceptors, tuple(backends), metrics, known)
 
 
 @dataclass

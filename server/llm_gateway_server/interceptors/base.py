@@ -7,7 +7,8 @@ pass through untouched (health's `Watch` writes with `context.write`).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -77,6 +78,62 @@ class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         """Wraps a server-streaming call; the default passes through."""
         async for item in inner(request, context):
             yield item
+
+
+class InterceptorChain(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """The gateway's interceptors as one gRPC interceptor, outermost first.
+
+    gRPC runs each registered interceptor's `intercept_service` and a wrapper coroutine per layer
+    on every call; the chain resolves the handler once per method and calls each layer's `unary` /
+    `stream` directly (one frame per layer), which is what every call pays (bench/INSTRUCTIONS.md).
+    Health and reflection pass through untouched, as with `GatewayInterceptor`.
+    """
+
+    def __init__(self, interceptors: Sequence[GatewayInterceptor]) -> None:
+        self._layers = tuple(interceptors)
+        self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler]] = {}
+
+    @property
+    def layers(self) -> tuple[GatewayInterceptor, ...]:
+        """The interceptors, outermost first."""
+        return self._layers
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or method.startswith(EXEMPT_PREFIXES):
+            return handler
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        if handler.unary_unary is not None:
+            unary: UnaryBehavior = handler.unary_unary
+            for layer in reversed(self._layers):
+                unary = functools.partial(layer.unary, unary, method=method)
+            return grpc.unary_unary_rpc_method_handler(
+                unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            stream: StreamBehavior = handler.unary_stream
+            for layer in reversed(self._layers):
+                stream = functools.partial(layer.stream, stream, method=method)
+            return grpc.unary_stream_rpc_method_handler(
+                stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
 
 
 def method_name(method: str) -> str:

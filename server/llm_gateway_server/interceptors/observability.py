@@ -84,8 +84,9 @@ class ObservabilityInterceptor(GatewayInterceptor):
             if isinstance(response, pb.ChatResponse):
                 if self._log_content:
                     call.answer = "".join(p.text for p in response.message.content)
-                call.finish_reason = finish_reason_name(response.finish_reason)
-                call.response_id = response.provider_response_id
+                if call.span is not None:  # only the span reads them
+                    call.finish_reason = finish_reason_name(response.finish_reason)
+                    call.response_id = response.provider_response_id
             return response
         except asyncio.CancelledError:
             call.record.outcome.code = _cancelled(context)
@@ -107,7 +108,7 @@ class ObservabilityInterceptor(GatewayInterceptor):
                     pieces.append(message.delta.text)
                 last = message
                 yield message
-            if last is not None and last.WhichOneof("event") == "final":  # a stream that ends OK ends with it
+            if call.span is not None and last is not None and last.WhichOneof("event") == "final":
                 call.finish_reason = finish_reason_name(last.final.finish_reason)
                 call.response_id = last.final.provider_response_id
         except (asyncio.CancelledError, GeneratorExit):

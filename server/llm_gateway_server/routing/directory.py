@@ -278,9 +278,11 @@ def _decode_token(token: str, filters: str) -> int:
     try:
         padded = token + "=" * (-len(token) % 4)
         data = json.loads(base64.urlsafe_b64decode(padded.encode()))
-        offset = int(data["o"])
+        offset = data["o"]
+        if not isinstance(offset, int) or isinstance(offset, bool):
+            raise TypeError("offset")
         same = data["f"] == filters
-    except (binascii.Error, ValueError, KeyError, TypeError):
+    except (binascii.Error, ValueError, KeyError, TypeError, OverflowError):
         raise invalid_request(
             [FieldViolation("page_token", "not a token from a previous ListModels response")]
         ) from None
