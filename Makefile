@@ -19,7 +19,7 @@ TARGET ?= 127.0.0.1:50051
 DEMO_OPTS ?= --max-tokens 48 --temperature 0 --stop '<|im_end|>' --stop '<|im_start|>'
 
 .PHONY: help setup run run-dev test coverage lint format proto proto-check buf-lint clean test-chat demo demo-chat test-real-model bench bench-quick bench-litellm bench-instructions \
-  docker-build docker-run docker-stop test-openai test-anthropic test-groq test-ollama docs check-rules
+  docker-build docker-run docker-stop test-openai test-anthropic test-groq test-ollama docs check-rules fuzz
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ run-dev: setup ## serve with debug logs (CONFIG=file.yaml optional)
 
 test: setup ## run the test suite (real aio server, loopback provider emulators)
 	$(BIN)/pytest -q
+
+fuzz: setup ## the hostile-input suite, longer (FUZZ_EXAMPLES=3000 by default; ~25 min): prints requests sent and codes seen
+	LLM_GATEWAY_FUZZ_EXAMPLES=$(or $(FUZZ_EXAMPLES),3000) $(BIN)/pytest -q -s -p no:cacheprovider tests/test_hostile_inputs.py
 
 coverage: setup ## the test suite with line and branch coverage, per package (writes .coverage; htmlcov/ with HTML=1)
 	$(BIN)/pytest -q --cov --cov-report= $(if $(HTML),--cov-report=html)

@@ -21,6 +21,7 @@ import json
 import math
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from google.protobuf import struct_pb2
@@ -155,7 +156,8 @@ def huge_texts(max_chars: int = 200_000) -> st.SearchStrategy[str]:
 
 def texts(max_chars: int = 200_000) -> st.SearchStrategy[str]:
     """Short, odd, or huge text."""
-    return st.one_of(small_texts, st.sampled_from(ODD_TEXTS), huge_texts(max_chars))
+    # Listed twice: short text is drawn about twice as often as huge text.
+    return st.one_of(small_texts, small_texts, st.sampled_from(ODD_TEXTS), huge_texts(max_chars))
 
 
 def int32s() -> st.SearchStrategy[int]:
@@ -504,7 +506,7 @@ def _fill_chat_like(draw: Draw, request: Any) -> None:
     structure, hostile values) or wild (anything), in one of a few shapes."""
     plausible = draw(st.booleans())
     request.model = draw(plausible_models if plausible else models())
-    shape = draw(st.sampled_from(["few", "few", "few", "many_messages", "many_tools", "huge"]))
+    shape = draw(st.sampled_from(["few"] * 7 + ["many_messages", "many_tools", "huge"]))
     if shape == "many_messages":
         message = pb.Message()
         fill_message(draw, message, small_texts, plausible)
@@ -597,7 +599,7 @@ def _embed_requests(draw: Draw) -> pb.EmbedRequest:
     request = pb.EmbedRequest(
         model=draw(st.sampled_from(EMBED_MODELS) if plausible else st.one_of(st.sampled_from(EMBED_MODELS), models()))
     )
-    shape = draw(st.sampled_from(["few", "few", "many", "huge"]))
+    shape = draw(st.sampled_from(["few"] * 5 + ["many", "huge"]))
     one = st.text(_CHARS, min_size=1, max_size=24) if plausible else small_texts
     if shape == "many":
         request.inputs.extend(
@@ -631,49 +633,93 @@ def embed_requests() -> st.SearchStrategy[pb.EmbedRequest]:
     return _embed_requests().filter(_bounded)
 
 
-def page_tokens(filters: list[str], real_tokens: list[str]) -> st.SearchStrategy[str]:
-    """Random text, real tokens (used with any filters) and mutations of them, and tokens built
-    like the server's (urlsafe base64 of `{"o": offset, "f": filters}`) with hostile offsets."""
-    offsets = st.one_of(
-        st.integers(-(10**30), 10**30),
-        st.sampled_from([0, -1, 10**18, 2**63]),
-        doubles(),
-        st.sampled_from(["1", "x", "1" * 5000, None, True, [], {}]),
-    )
+@dataclass(frozen=True)
+class IssuedToken:
+    """A `next_page_token` the server issued for these filters."""
 
-    def forge(offset: Any, f: str, drop: str | None) -> str:
-        body = {"o": offset, "f": f}
-        if drop is not None:
-            body.pop(drop)
-        raw = json.dumps(body, separators=(",", ":")).encode()
-        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    provider: str
+    capability: int
+    token: str
 
-    def mutate(token: str, cut: int, extra: str) -> str:
-        return token[: cut % (len(token) + 1)] + extra
+    def body(self) -> dict[str, Any] | None:
+        """The token's JSON body, when it is urlsafe base64 of a JSON object (as it is today)."""
+        try:
+            decoded = json.loads(base64.urlsafe_b64decode(self.token + "=" * (-len(self.token) % 4)))
+        except ValueError:
+            return None
+        return decoded if isinstance(decoded, dict) else None
 
+
+_offsets = st.one_of(
+    st.integers(-(10**30), 10**30),
+    st.sampled_from([0, -1, 10**18, 2**63]),
+    doubles(),
+    st.sampled_from(["1", "x", "1" * 5000, None, True, [], {}]),
+)
+
+
+def _forge(body: dict[str, Any], key: str, value: Any, drop: bool) -> str:
+    """`body` with `key` set to `value` (or removed), re-encoded like the issued token."""
+    forged = dict(body)
+    if drop:
+        forged.pop(key, None)
+    else:
+        forged[key] = value
+    raw = json.dumps(forged, separators=(",", ":")).encode()  # NaN/Infinity as JSON5-style literals
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _mutate(token: str, cut: int, extra: str) -> str:
+    return token[: cut % (len(token) + 1)] + extra
+
+
+def page_tokens(issued: list[IssuedToken]) -> st.SearchStrategy[str]:
+    """Random text, base64 of junk, real tokens (possibly used with other filters) and mutations
+    of them."""
     pieces: list[st.SearchStrategy[str]] = [
         small_texts,
         texts(2000),
-        st.builds(forge, offsets, st.sampled_from([*filters, "", "|"]), st.sampled_from([None, None, "o", "f"])),
         st.builds(
             lambda raw: base64.urlsafe_b64encode(raw).decode().rstrip("="),
             st.one_of(st.binary(max_size=300), st.sampled_from([b"[" * 300, b"{}", b"null", b'"x"', b"[1]"])),
         ),
     ]
-    if real_tokens:
-        pieces.append(st.sampled_from(real_tokens))
-        pieces.append(st.builds(mutate, st.sampled_from(real_tokens), st.integers(0, 200), small_texts))
+    if issued:
+        tokens = [t.token for t in issued]
+        pieces.append(st.sampled_from(tokens))
+        pieces.append(st.builds(_mutate, st.sampled_from(tokens), st.integers(0, 200), small_texts))
     return st.one_of(*pieces)
 
 
-def list_models_requests(filters: list[str], real_tokens: list[str]) -> st.SearchStrategy[pb.ListModelsRequest]:
-    return st.builds(
+@st.composite
+def _forged_for_its_filters(draw: Draw, issued: list[IssuedToken]) -> pb.ListModelsRequest:
+    """The filters of a real token, with that token's body re-encoded after one field got a
+    hostile value (offsets: huge, negative, NaN/Infinity, strings, lists...)."""
+    token = draw(st.sampled_from(issued))
+    body = token.body() or {}
+    keys = sorted(body) or ["o"]
+    key = draw(st.sampled_from(keys))
+    value = draw(st.one_of(_offsets, small_texts))
+    forged = _forge(body, key, value, draw(_rarely()))
+    page_size = draw(st.one_of(st.just(0), st.integers(0, 1000)))
+    return pb.ListModelsRequest(
+        provider=token.provider, capability=token.capability, page_size=page_size, page_token=forged
+    )
+
+
+def _rarely() -> st.SearchStrategy[bool]:
+    return st.sampled_from([False, False, False, True])
+
+
+def list_models_requests(issued: list[IssuedToken]) -> st.SearchStrategy[pb.ListModelsRequest]:
+    anything = st.builds(
         pb.ListModelsRequest,
         provider=st.one_of(st.sampled_from(PROVIDERS), texts(1000)),
         capability=enums(pb.Capability),
         page_size=st.one_of(st.sampled_from([0, 1, 1000, 1001, -1]), int32s()),
-        page_token=st.one_of(st.just(""), page_tokens(filters, real_tokens)),
+        page_token=st.one_of(st.just(""), page_tokens(issued)),
     )
+    return st.one_of(anything, _forged_for_its_filters(issued)) if issued else anything
 
 
 def get_model_requests() -> st.SearchStrategy[pb.GetModelRequest]:
