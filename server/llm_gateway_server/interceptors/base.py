@@ -1,8 +1,9 @@
-"""One base class for interceptors that wrap unary and server-streaming handlers alike.
+"""One base class for interceptors that wrap unary and server-streaming handlers alike, and the
+one gRPC interceptor that runs them.
 
 Subclasses implement `unary(inner, request, context, method)` and `stream(...)` (an async
-generator). Wrapped handlers are built once per method and reused. Health and reflection calls
-pass through untouched (health's `Watch` writes with `context.write`).
+generator). `InterceptorChain` builds the wrapped handler of each method once and reuses it.
+Health and reflection calls pass through untouched (health's `Watch` writes with `context.write`).
 """
 
 from __future__ import annotations
@@ -18,53 +19,9 @@ UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[An
 StreamBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
 
 
-class GatewayInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Base class: wraps the handler of every non-exempt method (see module docstring)."""
-
-    def __init__(self) -> None:
-        self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler]] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method
-        if handler is None or method.startswith(EXEMPT_PREFIXES):
-            return handler
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(handler, method)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
-
-    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        if handler.unary_unary is not None:
-            inner_unary: UnaryBehavior = handler.unary_unary
-
-            async def unary_behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-                return await self.unary(inner_unary, request, context, method)
-
-            return grpc.unary_unary_rpc_method_handler(
-                unary_behavior,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            inner_stream: StreamBehavior = handler.unary_stream
-
-            async def stream_behavior(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-                async for item in self.stream(inner_stream, request, context, method):
-                    yield item
-
-            return grpc.unary_stream_rpc_method_handler(
-                stream_behavior,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+class GatewayInterceptor:
+    """Base class of one layer of the gateway's chain (see module docstring); the layers run
+    inside one gRPC interceptor, `InterceptorChain`. The defaults pass through."""
 
     async def unary(
         self, inner: UnaryBehavior, request: Any, context: grpc.aio.ServicerContext[Any, Any], method: str
