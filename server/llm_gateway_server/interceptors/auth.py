@@ -7,7 +7,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import hmac
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,10 +16,9 @@ import grpc
 from llm_gateway.v1 import llm_gateway_pb2 as pb
 
 from ..config import ApiKeySettings
-from ..errors import GatewayError, api_key_disabled, api_key_expired, api_key_invalid, model_not_allowed
+from ..errors import api_key_disabled, api_key_expired, api_key_invalid, model_not_allowed
 from ..transport.call_record import current_call
-from ..transport.status import abort
-from .base import GatewayInterceptor, StreamBehavior, UnaryBehavior
+from .base import AdmissionInterceptor
 
 
 def hash_key(key: str) -> str:
@@ -58,7 +57,7 @@ def requested_models(request: object) -> list[str]:
     return []
 
 
-class AuthInterceptor(GatewayInterceptor):
+class AuthInterceptor(AdmissionInterceptor):
     """Authenticates every non-exempt call and checks the requested model against the key's globs."""
 
     def __init__(self, keys: Sequence[ApiKeySettings]) -> None:
@@ -87,25 +86,13 @@ class AuthInterceptor(GatewayInterceptor):
                 raise model_not_allowed(entry.id, model)
         return entry
 
-    async def _admit(self, context: grpc.aio.ServicerContext[Any, Any], request: Any) -> None:
+    def admit(self, context: grpc.aio.ServicerContext[Any, Any], request: Any) -> None:
+        """Authenticates the call and notes its key on the call record.
+
+        Raises:
+            GatewayError: UNAUTHENTICATED / PERMISSION_DENIED (see `_authenticate`).
+        """
+        entry = self._authenticate(context, request)
         record = current_call.get()
-        request_id = record.request_id if record else ""
-        try:
-            entry = self._authenticate(context, request)
-        except GatewayError as error:
-            await abort(context, error, request_id)
         if record is not None:
             record.key_id, record.owner, record.scope = entry.id, entry.owner or entry.id, f"key:{entry.id}"
-
-    async def unary(
-        self, inner: UnaryBehavior, request: Any, context: grpc.aio.ServicerContext[Any, Any], method: str
-    ) -> Any:
-        await self._admit(context, request)
-        return await inner(request, context)
-
-    async def stream(
-        self, inner: StreamBehavior, request: Any, context: grpc.aio.ServicerContext[Any, Any], method: str
-    ) -> AsyncIterator[Any]:
-        await self._admit(context, request)
-        async for item in inner(request, context):
-            yield item

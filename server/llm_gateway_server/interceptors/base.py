@@ -14,6 +14,10 @@ from typing import Any
 
 import grpc
 
+from ..errors import GatewayError
+from ..transport.call_record import current_call
+from ..transport.status import abort
+
 EXEMPT_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
 UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 StreamBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
@@ -33,6 +37,34 @@ class GatewayInterceptor:
         self, inner: StreamBehavior, request: Any, context: grpc.aio.ServicerContext[Any, Any], method: str
     ) -> AsyncIterator[Any]:
         """Wraps a server-streaming call; the default passes through."""
+        async for item in inner(request, context):
+            yield item
+
+
+class AdmissionInterceptor(GatewayInterceptor):
+    """A layer that only decides whether a call may go on (auth, validation): `admit` raises
+    GatewayError to refuse it, answered with the call's request id; otherwise the call passes."""
+
+    def admit(self, context: grpc.aio.ServicerContext[Any, Any], request: Any) -> None:
+        """Raises GatewayError to refuse the call."""
+
+    async def _admit(self, context: grpc.aio.ServicerContext[Any, Any], request: Any) -> None:
+        try:
+            self.admit(context, request)
+        except GatewayError as error:
+            record = current_call.get()
+            await abort(context, error, record.request_id if record else "")
+
+    async def unary(
+        self, inner: UnaryBehavior, request: Any, context: grpc.aio.ServicerContext[Any, Any], method: str
+    ) -> Any:
+        await self._admit(context, request)
+        return await inner(request, context)
+
+    async def stream(
+        self, inner: StreamBehavior, request: Any, context: grpc.aio.ServicerContext[Any, Any], method: str
+    ) -> AsyncIterator[Any]:
+        await self._admit(context, request)
         async for item in inner(request, context):
             yield item
 

@@ -10,19 +10,17 @@ tokens-per-minute window), and the cache never keys an invalid request.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 
 from llm_gateway.v1 import llm_gateway_pb2 as pb
 
-from ..errors import GatewayError, malformed_request
+from ..errors import malformed_request
 from ..transport import validation
-from ..transport.call_record import current_call
 from ..transport.decoding import MalformedRequest
-from ..transport.status import abort
-from .base import GatewayInterceptor, StreamBehavior, UnaryBehavior
+from .base import AdmissionInterceptor
 
 _CHECKS: dict[type[Any], Callable[[Any], None]] = {
     pb.ChatRequest: validation.check_chat,
@@ -46,25 +44,9 @@ def check(request: object) -> None:
         checker(request)
 
 
-class ValidationInterceptor(GatewayInterceptor):
+class ValidationInterceptor(AdmissionInterceptor):
     """Refuses malformed and invalid requests (see module docstring)."""
 
-    async def _check(self, context: grpc.aio.ServicerContext[Any, Any], request: object) -> None:
-        try:
-            check(request)
-        except GatewayError as error:
-            record = current_call.get()
-            await abort(context, error, record.request_id if record else "")
-
-    async def unary(
-        self, inner: UnaryBehavior, request: Any, context: grpc.aio.ServicerContext[Any, Any], method: str
-    ) -> Any:
-        await self._check(context, request)
-        return await inner(request, context)
-
-    async def stream(
-        self, inner: StreamBehavior, request: Any, context: grpc.aio.ServicerContext[Any, Any], method: str
-    ) -> AsyncIterator[Any]:
-        await self._check(context, request)
-        async for item in inner(request, context):
-            yield item
+    def admit(self, context: grpc.aio.ServicerContext[Any, Any], request: Any) -> None:
+        """Raises GatewayError for a malformed or invalid request (see `check`)."""
+        check(request)
