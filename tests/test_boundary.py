@@ -204,3 +204,10 @@ async def test_a_forged_page_token_is_invalid_argument(gateway: Gateway, offset:
     token = base64.urlsafe_b64encode(f'{{"o":{offset},"f":"|"}}'.encode()).decode().rstrip("=")
     error = rich_error(await _failure(gateway.stub.ListModels(pb.ListModelsRequest(page_token=token))))
     assert (error.code, error.info.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST")
+
+
+async def test_list_models_with_an_unknown_capability_is_invalid_argument(gateway: Gateway) -> None:
+    """Found from outside: an unknown capability value answered an unfiltered list."""
+    error = rich_error(await _failure(gateway.stub.ListModels(pb.ListModelsRequest(capability=999))))
+    assert (error.code, error.info.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST")
+    assert error.bad_request is not None and error.bad_request.field_violations[0].field == "capability"
