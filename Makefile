@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
-PROTO := protos/llm_gateway/v1/llm_gateway.proto
+PROTO := protos/llm_gateway/v1/llm_gateway.proto protos/llm_gateway/admin/v1/admin.proto
 STUBS := clients/python/src
 
 MODEL ?= gpt-4o-mini
@@ -74,8 +74,9 @@ proto: setup ## regenerate the committed stubs from the proto
 proto-check: setup ## fail when the committed stubs differ from what the proto generates
 	@tmp=$$(mktemp -d) && trap 'rm -rf $$tmp' EXIT && \
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=$$tmp --pyi_out=$$tmp --grpc_python_out=$$tmp $(PROTO) && \
-	for f in llm_gateway_pb2.py llm_gateway_pb2.pyi llm_gateway_pb2_grpc.py; do \
-	  cmp -s $$tmp/llm_gateway/v1/$$f $(STUBS)/llm_gateway/v1/$$f || { echo "stub drift: $$f (run 'make proto')"; exit 1; }; \
+	for f in v1/llm_gateway_pb2.py v1/llm_gateway_pb2.pyi v1/llm_gateway_pb2_grpc.py \
+	  admin/v1/admin_pb2.py admin/v1/admin_pb2.pyi admin/v1/admin_pb2_grpc.py; do \
+	  cmp -s $$tmp/llm_gateway/$$f $(STUBS)/llm_gateway/$$f || { echo "stub drift: $$f (run 'make proto')"; exit 1; }; \
 	done && echo "stubs match the proto"
 
 test-chat: setup ## one chat through a running gateway: make test-chat MODEL=… PROVIDER=… STREAM=true|false PROMPT=…

@@ -34,6 +34,12 @@ from .domain import Capability
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
+def _default_data_dir(environ: Mapping[str, str]) -> Path:
+    """`$XDG_DATA_HOME/llm-gateway`, else `~/.local/share/llm-gateway`."""
+    base = environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "llm-gateway"
+
+
 class ConfigError(Exception):
     """Settings are invalid; the message lists every problem, one per line, without secrets."""
 
@@ -178,6 +184,16 @@ class BreakerSettings(BaseModel):
     half_open_max_calls: int = Field(default=1, ge=1)
 
 
+class KeyBudgetSettings(BaseModel):
+    """A configured key's budget: `limit_usd` USD per `period` (UTC calendar periods, or "total"
+    for a lifetime budget)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    limit_usd: float = Field(ge=0, le=1e9, allow_inf_nan=False)
+    period: Literal["daily", "weekly", "monthly", "total"] = "monthly"
+
+
 class ApiKeySettings(BaseModel):
     """A gateway API key, stored only as the SHA-256 of the key (`llm-gateway hash-key` prints it).
 
@@ -196,6 +212,7 @@ class ApiKeySettings(BaseModel):
     max_concurrent_streams: int | None = Field(default=None, ge=1)
     expires_at: datetime | None = None
     disabled: bool = False
+    budget: KeyBudgetSettings | None = None
 
 
 class AuthSettings(BaseModel):
@@ -234,6 +251,89 @@ class CacheSettings(BaseModel):
     ttl_s: int = Field(default=300, ge=1, le=30 * 24 * 3600)
     max_entries: int = Field(default=10_000, ge=1)
     max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+
+
+class AdminSettings(BaseModel):
+    """The admin API (`llm_gateway.admin.v1.AdminService`).
+
+    `enabled`: serve it. `port`: None serves it on the gRPC port; a number serves it on its own
+    port (0 picks a free one) on `host`. `key_sha256`: SHA-256 hex digests of admin credentials
+    (`llm-gateway hash-key` prints one), beside `admin_key` (`LLM_GATEWAY_ADMIN_KEY`).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    port: int | None = Field(default=None, ge=0, le=65535)
+    key_sha256: list[str] = Field(default_factory=list)
+
+    @field_validator("key_sha256")
+    @classmethod
+    def _hex_digests(cls, value: list[str]) -> list[str]:
+        for digest in value:
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ValueError("each entry must be 64 lower-case hex characters (SHA-256)")
+        return value
+
+
+class StoreSettings(BaseModel):
+    """The control plane's database (store/).
+
+    `timeout_s`: bound on one database operation, seconds (the key cache, the ledger writer and
+    admin calls never wait longer). `pool_size`: connections per process (PostgreSQL).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    timeout_s: float = Field(default=2.0, gt=0, le=60)
+    pool_size: int = Field(default=5, ge=1, le=100)
+
+
+class KeyCacheSettings(BaseModel):
+    """The in-process cache of key records (tenancy/key_cache.py).
+
+    `ttl_s`: a cached key is re-read from the database after this long, seconds (without Redis,
+    the bound on how long a revocation takes to reach every replica). `stale_s`: with the
+    database unreachable, cached keys keep working this long past their TTL, seconds.
+    `negative_ttl_s`: an unknown secret is remembered as unknown this long, seconds.
+    `max_entries`: cached keys and unknown secrets per process.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    ttl_s: float = Field(default=10.0, gt=0, le=3600)
+    stale_s: float = Field(default=300.0, ge=0, le=86_400)
+    negative_ttl_s: float = Field(default=2.0, ge=0, le=3600)
+    max_entries: int = Field(default=100_000, ge=1, le=10_000_000)
+
+
+class LedgerSettings(BaseModel):
+    """The usage ledger's batching writer (tenancy/ledger.py).
+
+    `flush_interval_s`: records are written at least this often, seconds. `batch_size`: and as
+    soon as this many wait. `max_buffered`: records held while the database is down; more are
+    dropped, counted and logged. `drain_timeout_s`: how long the drain waits for the last flush.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    flush_interval_s: float = Field(default=1.0, gt=0, le=60)
+    batch_size: int = Field(default=500, ge=1, le=100_000)
+    max_buffered: int = Field(default=100_000, ge=1, le=10_000_000)
+    drain_timeout_s: float = Field(default=5.0, ge=0, le=300)
+
+
+class BudgetSettings(BaseModel):
+    """Budgets of keys and teams.
+
+    `unpriced_models`: a call to a model without catalog prices under a budget is allowed with
+    a warning (its cost counts as 0) or refused. The output tokens reserved before a call come
+    from `rate_limits.output_tokens_reserve` when the request sets no `max_output_tokens`.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    unpriced_models: Literal["allow", "refuse"] = "allow"
 
 
 class TlsSettings(BaseModel):
@@ -312,6 +412,12 @@ class Settings(BaseSettings):
             "asyncio".
         tls: certificate, key and client CA files, and `allow_plaintext` (see TlsSettings).
         tracing: OpenTelemetry traces, off by default (see TracingSettings).
+        database_url: the control plane's database (`LLM_GATEWAY_DATABASE_URL`):
+            `postgresql://…` or `postgresql+asyncpg://…` for PostgreSQL, `sqlite:///path` for a
+            SQLite file; None: SQLite at `data_dir/gateway.db`.
+        data_dir: where the default SQLite database lives (created on first start).
+        admin_key: the admin API credential (`LLM_GATEWAY_ADMIN_KEY`; never logged).
+        admin, store, key_cache, ledger, budgets: the control plane (see their classes).
         reuse_port: bind with SO_REUSEPORT (set by `serve --workers` in each worker through
             `LLM_GATEWAY_REUSE_PORT=1`; off otherwise, so a second gateway on a busy port fails).
     """
@@ -354,6 +460,21 @@ class Settings(BaseSettings):
     reuse_port: bool = False
     tls: TlsSettings = Field(default_factory=TlsSettings)
     tracing: TracingSettings = Field(default_factory=TracingSettings)
+    database_url: str | None = None
+    data_dir: Path = Field(default_factory=lambda: _default_data_dir(os.environ))
+    admin_key: SecretStr | None = None
+    admin: AdminSettings = Field(default_factory=AdminSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    key_cache: KeyCacheSettings = Field(default_factory=KeyCacheSettings)
+    ledger: LedgerSettings = Field(default_factory=LedgerSettings)
+    budgets: BudgetSettings = Field(default_factory=BudgetSettings)
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^(postgresql(\+asyncpg)?|postgres|sqlite(\+aiosqlite)?)://", value):
+            raise ValueError("must be a postgresql://, postgresql+asyncpg:// or sqlite:/// URL")
+        return value
 
     @model_validator(mode="after")
     def _unique_provider_names(self) -> Settings:

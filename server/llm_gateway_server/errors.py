@@ -57,6 +57,16 @@ class Reason(enum.StrEnum):
     RATE_LIMITER_UNAVAILABLE = "RATE_LIMITER_UNAVAILABLE"
     SERVER_SHUTTING_DOWN = "SERVER_SHUTTING_DOWN"
     INTERNAL_ERROR = "INTERNAL_ERROR"
+    # tenancy (keys, teams, budgets) and the admin API
+    API_KEY_REVOKED = "API_KEY_REVOKED"
+    KEY_STORE_UNAVAILABLE = "KEY_STORE_UNAVAILABLE"
+    ADMIN_KEY_INVALID = "ADMIN_KEY_INVALID"
+    NOT_AN_ADMIN_KEY = "NOT_AN_ADMIN_KEY"
+    RESOURCE_NOT_FOUND = "RESOURCE_NOT_FOUND"
+    RESOURCE_ALREADY_EXISTS = "RESOURCE_ALREADY_EXISTS"
+    KEY_READ_ONLY = "KEY_READ_ONLY"
+    TEAM_NOT_EMPTY = "TEAM_NOT_EMPTY"
+    STORE_UNAVAILABLE = "STORE_UNAVAILABLE"
 
     @property
     def code(self) -> grpc.StatusCode:
@@ -90,6 +100,15 @@ _CODES: Mapping[Reason, grpc.StatusCode] = {
     Reason.RATE_LIMITER_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     Reason.SERVER_SHUTTING_DOWN: grpc.StatusCode.UNAVAILABLE,
     Reason.INTERNAL_ERROR: grpc.StatusCode.INTERNAL,
+    Reason.API_KEY_REVOKED: grpc.StatusCode.UNAUTHENTICATED,
+    Reason.KEY_STORE_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    Reason.ADMIN_KEY_INVALID: grpc.StatusCode.UNAUTHENTICATED,
+    Reason.NOT_AN_ADMIN_KEY: grpc.StatusCode.PERMISSION_DENIED,
+    Reason.RESOURCE_NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Reason.RESOURCE_ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
+    Reason.KEY_READ_ONLY: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.TEAM_NOT_EMPTY: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.STORE_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
 }
 
 
@@ -403,6 +422,99 @@ def rate_limiter_unavailable() -> GatewayError:
         Reason.RATE_LIMITER_UNAVAILABLE,
         "the rate-limit backend is unavailable; try again shortly",
         retry_after_s=1.0,
+    )
+
+
+def api_key_revoked(key_id: str) -> GatewayError:
+    """UNAUTHENTICATED / API_KEY_REVOKED: the key was revoked through the admin API (for good)."""
+    return GatewayError(Reason.API_KEY_REVOKED, f"API key {key_id!r} was revoked", metadata={"key_id": key_id})
+
+
+def key_store_unavailable(retry_after_s: float = 1.0) -> GatewayError:
+    """UNAVAILABLE / KEY_STORE_UNAVAILABLE: the key is not in the key cache and the database did
+    not answer within its timeout (RetryInfo `retry_after_s`)."""
+    return GatewayError(
+        Reason.KEY_STORE_UNAVAILABLE,
+        "the key store is unavailable and this key is not cached; try again shortly",
+        retry_after_s=retry_after_s,
+    )
+
+
+def budget_exceeded(
+    subject: str, limit_usd: float, spend_usd: float, period: str, reset_s: float | None
+) -> GatewayError:
+    """RESOURCE_EXHAUSTED / BUDGET_EXCEEDED with QuotaFailure (subject `keys/{id}` or
+    `teams/{id}`, description naming the period) and RetryInfo until the period starts over
+    (`reset_s`, seconds; None for a lifetime budget: no RetryInfo).
+
+    Args:
+        period: "daily", "weekly", "monthly" or "total".
+    """
+    span = "lifetime" if period == "total" else period
+    return GatewayError(
+        Reason.BUDGET_EXCEEDED,
+        f"{span} budget of {limit_usd:.6g} USD reached for {subject} (spent {spend_usd:.6g} USD)",
+        metadata={
+            "subject": subject,
+            "period": period,
+            "limit_usd": f"{limit_usd:.10g}",
+            "spend_usd": f"{spend_usd:.10g}",
+        },
+        retry_after_s=reset_s,
+        quota=[(subject, f"{span} budget of {limit_usd:.10g} USD")],
+    )
+
+
+def admin_key_invalid(message: str) -> GatewayError:
+    """UNAUTHENTICATED / ADMIN_KEY_INVALID: no admin credential, or a wrong one."""
+    return GatewayError(Reason.ADMIN_KEY_INVALID, message)
+
+
+def not_an_admin_key() -> GatewayError:
+    """PERMISSION_DENIED / NOT_AN_ADMIN_KEY: a data-plane key was sent to the admin API."""
+    return GatewayError(
+        Reason.NOT_AN_ADMIN_KEY, "this is a data-plane API key; the admin API needs an admin credential"
+    )
+
+
+def resource_not_found(name: str) -> GatewayError:
+    """NOT_FOUND / RESOURCE_NOT_FOUND: no key or team named `name` (`keys/{id}`, `teams/{id}`)."""
+    return GatewayError(Reason.RESOURCE_NOT_FOUND, f"{name} does not exist", metadata={"name": name})
+
+
+def resource_already_exists(name: str, field: str, value: str) -> GatewayError:
+    """ALREADY_EXISTS / RESOURCE_ALREADY_EXISTS: `field` (e.g. "display_name", "key_id") must be
+    unique and `value` is taken (by `name`, when known)."""
+    return GatewayError(
+        Reason.RESOURCE_ALREADY_EXISTS,
+        f"{field} {value!r} is already taken" + (f" by {name}" if name else ""),
+        metadata={"name": name, "field": field, "value": value},
+    )
+
+
+def key_read_only(name: str) -> GatewayError:
+    """FAILED_PRECONDITION / KEY_READ_ONLY: a key from the YAML file, changed only there."""
+    return GatewayError(
+        Reason.KEY_READ_ONLY,
+        f"{name} comes from the gateway's configuration file; change it there",
+        metadata={"name": name},
+    )
+
+
+def team_not_empty(name: str, keys: int) -> GatewayError:
+    """FAILED_PRECONDITION / TEAM_NOT_EMPTY: DeleteTeam while `keys` keys (not revoked) belong to it."""
+    return GatewayError(
+        Reason.TEAM_NOT_EMPTY,
+        f"{name} still has {keys} key(s); revoke them or move them to another team first",
+        metadata={"name": name, "keys": str(keys)},
+    )
+
+
+def store_unavailable(retry_after_s: float = 1.0) -> GatewayError:
+    """UNAVAILABLE / STORE_UNAVAILABLE: the database did not answer an admin call within its
+    timeout (RetryInfo `retry_after_s`)."""
+    return GatewayError(
+        Reason.STORE_UNAVAILABLE, "the database is unavailable; try again shortly", retry_after_s=retry_after_s
     )
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..outcome import CallOutcome
+from ..tenancy.records import Tenant
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
@@ -35,6 +36,10 @@ class CallRecord:
         key_id / owner: the authenticated API key's id and owner ("" without auth).
         scope: what rate limits count against (key id, or the client address without auth).
         outcome: what the call came to (see `outcome.CallOutcome`).
+        tenant: the key (and team) the call is for, as the key cache resolved it (None without
+            auth).
+        model / end_user_id: the model the request asks for and its `end_user_id` ("" when
+            the request names none), for the usage ledger.
     """
 
     request_id: str
@@ -44,6 +49,9 @@ class CallRecord:
     owner: str = ""
     scope: str = ""
     outcome: CallOutcome = field(default_factory=CallOutcome)
+    tenant: Tenant | None = None
+    model: str = ""
+    end_user_id: str = ""
 
 
 current_call: ContextVar[CallRecord | None] = ContextVar("llm_gateway_call", default=None)

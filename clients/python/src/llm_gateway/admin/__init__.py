@@ -1,0 +1,1 @@
+"""Generated stubs of the `llm_gateway.admin` packages (do not edit by hand)."""
