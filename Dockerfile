@@ -15,7 +15,8 @@ RUN python -m venv /opt/venv \
 FROM python:3.11.10-slim-bookworm
 RUN groupadd --system --gid 10001 gateway \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
-      --shell /usr/sbin/nologin gateway
+      --shell /usr/sbin/nologin gateway \
+ && install -d -o 10001 -g 10001 -m 0700 /var/lib/llm-gateway
 COPY --from=build /opt/venv /opt/venv
 # Settings from the environment take precedence over the --config file: change these with -e.
 # gRPC and Prometheus /metrics listen on every interface of the container (publish them as needed).
@@ -26,7 +27,10 @@ ENV PATH=/opt/venv/bin:$PATH \
     LLM_GATEWAY_PORT=50051 \
     LLM_GATEWAY_METRICS_HOST=0.0.0.0 \
     LLM_GATEWAY_METRICS_PORT=9464 \
-    LLM_GATEWAY_TLS__ALLOW_PLAINTEXT=true
+    LLM_GATEWAY_TLS__ALLOW_PLAINTEXT=true \
+    LLM_GATEWAY_DATA_DIR=/var/lib/llm-gateway
+# The control plane's SQLite database lives in LLM_GATEWAY_DATA_DIR (mount a volume there to keep
+# keys and the ledger), or set LLM_GATEWAY_DATABASE_URL=postgresql://... for replicas.
 # Plaintext on 0.0.0.0 is refused unless allowed: the image allows it for a TLS-terminating mesh or
 # ingress in front. To serve TLS itself, mount the files, set LLM_GATEWAY_TLS__CERT_FILE /
 # LLM_GATEWAY_TLS__KEY_FILE (and LLM_GATEWAY_TLS__CLIENT_CA_FILE for mTLS), and unset this

@@ -10,8 +10,9 @@ test servicer with it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -215,3 +216,200 @@ def redis_server() -> Any:
     yield server
     if process.poll() is None:
         server.kill()
+
+
+# --- the control plane's database: SQLite files, PostgreSQL schemas, a throwaway PostgreSQL ------
+
+MACHINE_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"  # trust auth; `.ci/run` starts it
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def run_async(factory: Callable[[], Awaitable[Any]]) -> Any:
+    """Runs `await factory()` on a fresh event loop in a fresh thread (sync fixtures and tests can
+    use it whatever loop pytest-asyncio has set on the main thread)."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    async def main() -> Any:
+        return await factory()
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, main()).result()
+
+
+@dataclass(frozen=True)
+class PostgresSchema:
+    """A fresh, empty schema on the machine's PostgreSQL, dropped after the test.
+
+    Attributes:
+        schema: its name, `t_<uuid hex>`.
+        url: `postgresql://postgres@127.0.0.1:5432/test?options=-csearch_path%3D<schema>&application_name=<schema>`:
+            every connection made from it (the store's pool and Alembic's version table
+            included) works in that schema. Give it to `open_store` (after
+            `resolve_database_url`) or to a gateway as `database_url` (setting, YAML or
+            `LLM_GATEWAY_DATABASE_URL`): `await make_gateway(env, database_url=postgres_url.url)`.
+    """
+
+    schema: str
+    url: str
+
+
+async def _postgres_admin(url: str, *statements: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(url, timeout=5)
+    try:
+        for statement in statements:
+            await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[PostgresSchema]:
+    """A fresh schema on the machine's PostgreSQL (127.0.0.1:5432, database `test`) for this test;
+    safe under xdist (a uuid per test). Teardown ends the connections still open on it (found by
+    `application_name`) and drops it CASCADE. Fails (never skips) when PostgreSQL is unreachable."""
+    import uuid
+
+    schema = f"t_{uuid.uuid4().hex}"
+    try:
+        run_async(lambda: _postgres_admin(MACHINE_POSTGRES, f'CREATE SCHEMA "{schema}"'))
+    except (OSError, TimeoutError) as exc:
+        pytest.fail(f"PostgreSQL at {MACHINE_POSTGRES} is unreachable ({exc}); `.ci/run` starts it")
+    url = f"{MACHINE_POSTGRES}?options=-csearch_path%3D{schema}&application_name={schema}"
+    yield PostgresSchema(schema, url)
+    run_async(
+        lambda: _postgres_admin(
+            MACHINE_POSTGRES,
+            "SET lock_timeout = '20s'",
+            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{schema}'",
+            f'DROP SCHEMA "{schema}" CASCADE',
+        )
+    )
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """`sqlite:////<tmp>/gateway.db`: a SQLite file (not created yet) in the test's directory."""
+    return f"sqlite:///{tmp_path / 'gateway.db'}"
+
+
+@pytest.fixture(scope="session")
+def migrated_sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite file migrated to head once per session (per xdist worker); copy it with
+    `copy_sqlite_template` (or use `migrated_sqlite_url`) rather than opening it."""
+    from llm_gateway_server.store.sql import upgrade
+
+    path = tmp_path_factory.mktemp("store-template") / "gateway.db"
+    run_async(lambda: upgrade(f"sqlite+aiosqlite:///{path}"))
+    leftovers = [p.name for p in path.parent.iterdir() if p != path]
+    assert not leftovers, f"the template is not checkpointed into one file: {leftovers}"
+    return path
+
+
+def copy_sqlite_template(template: Path, directory: Path) -> str:
+    """Copies the migrated template into `directory` and returns its `sqlite:///` URL (a store
+    or gateway opened on it finds it at head and skips migrations)."""
+    import shutil
+
+    target = directory / "gateway.db"
+    shutil.copyfile(template, target)
+    return f"sqlite:///{target}"
+
+
+@pytest.fixture
+def migrated_sqlite_url(tmp_path: Path, migrated_sqlite_template: Path) -> str:
+    """`sqlite:///` URL of a copy of the migrated template in the test's directory."""
+    return copy_sqlite_template(migrated_sqlite_template, tmp_path)
+
+
+class ThrowawayPostgres:
+    """A PostgreSQL server of the machine's binaries (`PG_BIN`) started for one test, on a free
+    loopback port, with its data directory under /tmp (owned by the `postgres` user when the
+    tests run as root). `stop()` takes it away (connections drop, new ones are refused),
+    `start()` brings it back on the same port with the same data.
+
+    Attributes:
+        port: its TCP port on 127.0.0.1. url: `postgresql://postgres@127.0.0.1:<port>/postgres`
+            (trust auth).
+    """
+
+    def __init__(self) -> None:
+        import os
+        import shutil
+        import tempfile
+
+        self.root = Path(tempfile.mkdtemp(prefix="llmgw-pg-", dir="/tmp"))
+        self.data = self.root / "data"
+        self.log = self.root / "postgres.log"
+        self.port = free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self.running = False
+        self._as_postgres = os.geteuid() == 0  # initdb and postgres refuse to run as root
+        if self._as_postgres:
+            shutil.chown(self.root, "postgres", "postgres")
+
+    def _run(self, *args: str) -> None:
+        import subprocess
+
+        command = [*(["runuser", "-u", "postgres", "--"] if self._as_postgres else []), *args]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            pytest.fail(f"throwaway PostgreSQL: {' '.join(args[:2])} failed: {exc}")
+        if done.returncode != 0:
+            log = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
+            pytest.fail(
+                f"throwaway PostgreSQL: {Path(args[0]).name} exited {done.returncode}: "
+                f"{(done.stderr or done.stdout).strip()[-2000:]}\n{log}"
+            )
+
+    def init(self) -> None:
+        """initdb (trust auth, user postgres, no fsync)."""
+        if not (PG_BIN / "initdb").exists():
+            pytest.fail(f"PostgreSQL binaries not found in {PG_BIN} (Debian package postgresql-15)")
+        self._run(
+            str(PG_BIN / "initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
+            "--no-locale", "--no-sync", "--no-instructions",
+        )  # fmt: skip
+
+    def start(self) -> None:
+        """Starts the server and waits until it accepts connections."""
+        options = (
+            f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        )
+        self._run(
+            str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "60", "start"
+        )
+        self.running = True
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stops the server (`mode`: pg_ctl's "fast" or "immediate") and waits until it is down."""
+        self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop")
+        self.running = False
+
+    def destroy(self) -> None:
+        """Stops it if running and deletes its directory."""
+        import shutil
+
+        try:
+            if self.running:
+                self.stop("immediate")
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture
+def throwaway_postgres() -> Iterator[ThrowawayPostgres]:
+    """A real PostgreSQL server for this test alone (see `ThrowawayPostgres`), e.g. to take the
+    database away mid-run: `throwaway_postgres.stop(); ...; throwaway_postgres.start()`. Fails
+    with the reason (never skips) when it cannot start. Startup costs about a second (initdb)."""
+    server = ThrowawayPostgres()
+    try:
+        server.init()
+        server.start()
+        yield server
+    finally:
+        server.destroy()

@@ -116,7 +116,8 @@ async def test_tokens_per_minute_reserve_and_reconcile(
     assert dict(await call.trailing_metadata())["x-ratelimit-remaining-tokens"] == str(200 - 155)  # 1 + 4 + 150
     client = redis.Redis(port=redis_server.port)
     window = int(time.time() // 60)
-    assert int(client.get(f"llmgw:{{peer:127.0.0.1}}:tok:{window}") or 0) == 18  # reconciled to the real usage
+    counted = client.hget(f"llmgw:{{peer:127.0.0.1}}:peer:127.0.0.1:win:{window}", "t")
+    assert int(counted or 0) == 18  # reconciled to the real usage
     await gateway.stub.Chat(request)  # fits again only because the first reservation was reconciled
     error = await expect_error(gateway.stub.Chat(chat("m", generation=pb.GenerationOptions(max_output_tokens=400))))
     assert error.info.reason == "RATE_LIMIT_EXCEEDED" and error.info.metadata["limit"] == "tokens"
@@ -143,7 +144,7 @@ async def test_per_key_limits_are_separate(make_gateway: GatewayFactory, openai_
     gateway = await _gateway(make_gateway, openai_upstream, None, auth={"keys": keys}, rate_limits={"default_rpm": 2})
     await gateway.stub.Chat(chat("m"), metadata=bearer(KEY_A))
     error = await expect_error(gateway.stub.Chat(chat("m"), metadata=bearer(KEY_A)))
-    assert error.info.metadata["scope"] == "key:a1"
+    assert error.info.metadata["scope"] == "keys/a1"
     for _ in range(2):
         await gateway.stub.Chat(chat("m"), metadata=bearer(KEY_B))
 

@@ -1,4 +1,5 @@
-"""`llm-gateway` command line: `llm-gateway serve [--host H] [--port N] [--config FILE] [--workers N]`.
+"""`llm-gateway` command line: `llm-gateway serve [--host H] [--port N] [--config FILE] [--workers N]`,
+`llm-gateway db upgrade [--config FILE]`, `llm-gateway hash-key`.
 
 Exit status: 0 after a clean drain; 1 when a `--workers` worker keeps crashing or did not drain
 cleanly; 2 when the gateway cannot start (invalid configuration, a port that cannot be bound),
@@ -45,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
         "exit (default 1); the supervisor serves all workers' metrics, summed, on metrics_port",
     )
     commands.add_parser("hash-key", help="read an API key on stdin, print its key_sha256 for the config file")
+    db = commands.add_parser("db", help="the control plane's database (database_url, default SQLite in data_dir)")
+    db_commands = db.add_subparsers(dest="db_command", required=True)
+    db_upgrade = db_commands.add_parser("upgrade", help="migrate the database to the latest revision, print it")
+    db_upgrade.add_argument("--config", type=Path, help="YAML settings file (database_url, data_dir, store)")
     return parser
 
 
@@ -102,6 +107,26 @@ async def _serve(settings: Settings, channel: SupervisorChannel | None) -> None:
     await app.serve(settings, on_ready=None if channel is None else lambda _: channel.ready())
 
 
+def _db_upgrade(config: Path | None) -> int:
+    """`llm-gateway db upgrade`: migrates the configured database to head and prints
+    `database <url without password> at revision <rev>`; status 2 (one line on stderr) when the
+    settings are invalid or the database cannot be reached or migrated."""
+    from .store.base import StoreError  # noqa: PLC0415 - SQLAlchemy and Alembic only for this command
+    from .store.sql import resolve_database_url, safe_url, upgrade  # noqa: PLC0415
+
+    try:
+        settings = load_settings(config)
+        configure_logging(settings.log_level, settings.log_file)
+        url = resolve_database_url(settings.database_url, settings.data_dir)
+        revision = asyncio.run(upgrade(url, settings.store))
+    except ConfigError as exc:
+        return _fail(f"invalid configuration:\n{exc}", None)
+    except (StoreError, ValueError, OSError) as exc:
+        return _fail(f"cannot migrate the database: {exc}", None)
+    print(f"database {safe_url(url)} at revision {revision}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `llm-gateway` console script; returns the process exit status (module
     docstring)."""
@@ -113,6 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         print(hash_key(key))
         return 0
+    if args.command == "db":
+        return _db_upgrade(args.config)
     channel = SupervisorChannel.from_environment()  # set when this process is a --workers worker
     try:
         settings = load_settings(args.config, overrides={"host": args.host, "port": args.port})

@@ -197,8 +197,9 @@ class KeyBudgetSettings(BaseModel):
 class ApiKeySettings(BaseModel):
     """A gateway API key, stored only as the SHA-256 of the key (`llm-gateway hash-key` prints it).
 
-    `allowed_models`: glob patterns of model names the key may use. `rpm` / `tpm` /
-    `max_concurrent_streams`: this key's limits (default: `rate_limits.default_*`).
+    `allowed_models`: glob patterns of model names the key may use (at least one; "*": every
+    model). `rpm` / `tpm` / `max_concurrent_streams`: this key's limits (default:
+    `rate_limits.default_*`).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -206,7 +207,7 @@ class ApiKeySettings(BaseModel):
     id: str = Field(min_length=1, max_length=128)
     owner: str = ""
     key_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    allowed_models: list[str] = Field(default_factory=lambda: ["*"])
+    allowed_models: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
     rpm: int | None = Field(default=None, ge=1)
     tpm: int | None = Field(default=None, ge=1)
     max_concurrent_streams: int | None = Field(default=None, ge=1)

@@ -55,6 +55,7 @@ class Reason(enum.StrEnum):
     PROVIDER_BAD_RESPONSE = "PROVIDER_BAD_RESPONSE"
     CIRCUIT_OPEN = "CIRCUIT_OPEN"
     RATE_LIMITER_UNAVAILABLE = "RATE_LIMITER_UNAVAILABLE"
+    MODEL_UNPRICED = "MODEL_UNPRICED"
     SERVER_SHUTTING_DOWN = "SERVER_SHUTTING_DOWN"
     INTERNAL_ERROR = "INTERNAL_ERROR"
     # tenancy (keys, teams, budgets) and the admin API
@@ -67,6 +68,7 @@ class Reason(enum.StrEnum):
     KEY_READ_ONLY = "KEY_READ_ONLY"
     TEAM_NOT_EMPTY = "TEAM_NOT_EMPTY"
     STORE_UNAVAILABLE = "STORE_UNAVAILABLE"
+    KEY_REVOKED = "KEY_REVOKED"
 
     @property
     def code(self) -> grpc.StatusCode:
@@ -98,6 +100,7 @@ _CODES: Mapping[Reason, grpc.StatusCode] = {
     Reason.PROVIDER_BAD_RESPONSE: grpc.StatusCode.UNAVAILABLE,
     Reason.CIRCUIT_OPEN: grpc.StatusCode.UNAVAILABLE,
     Reason.RATE_LIMITER_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    Reason.MODEL_UNPRICED: grpc.StatusCode.PERMISSION_DENIED,
     Reason.SERVER_SHUTTING_DOWN: grpc.StatusCode.UNAVAILABLE,
     Reason.INTERNAL_ERROR: grpc.StatusCode.INTERNAL,
     Reason.API_KEY_REVOKED: grpc.StatusCode.UNAUTHENTICATED,
@@ -109,6 +112,7 @@ _CODES: Mapping[Reason, grpc.StatusCode] = {
     Reason.KEY_READ_ONLY: grpc.StatusCode.FAILED_PRECONDITION,
     Reason.TEAM_NOT_EMPTY: grpc.StatusCode.FAILED_PRECONDITION,
     Reason.STORE_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    Reason.KEY_REVOKED: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 
@@ -388,8 +392,15 @@ def api_key_disabled(key_id: str) -> GatewayError:
     return GatewayError(Reason.API_KEY_DISABLED, f"API key {key_id!r} is disabled", metadata={"key_id": key_id})
 
 
-def model_not_allowed(key_id: str, model: str) -> GatewayError:
-    """PERMISSION_DENIED / MODEL_NOT_ALLOWED: the key's `allowed_models` do not match `model`."""
+def model_not_allowed(key_id: str, model: str, team_id: str = "") -> GatewayError:
+    """PERMISSION_DENIED / MODEL_NOT_ALLOWED: the key's `allowed_models` do not match `model`, or
+    (`team_id` given) its team's do not."""
+    if team_id:
+        return GatewayError(
+            Reason.MODEL_NOT_ALLOWED,
+            f"API key {key_id!r} may not use model {model!r}: not allowed for its team {team_id!r}",
+            metadata={"key_id": key_id, "model": model, "team_id": team_id},
+        )
     return GatewayError(
         Reason.MODEL_NOT_ALLOWED,
         f"API key {key_id!r} may not use model {model!r}",
@@ -422,6 +433,19 @@ def rate_limiter_unavailable() -> GatewayError:
         Reason.RATE_LIMITER_UNAVAILABLE,
         "the rate-limit backend is unavailable; try again shortly",
         retry_after_s=1.0,
+    )
+
+
+def model_unpriced(model: str, subject: str) -> GatewayError:
+    """PERMISSION_DENIED / MODEL_UNPRICED: `model` has no catalog price, `subject` (`keys/{id}`
+    or `teams/{id}`) has a budget and `budgets.unpriced_models` is "refuse". A policy on this
+    credential, like MODEL_NOT_ALLOWED: retrying does not help (not RESOURCE_EXHAUSTED), and no
+    budget was spent (not BUDGET_EXCEEDED); pricing the model (`models:`) or another key does."""
+    return GatewayError(
+        Reason.MODEL_UNPRICED,
+        f"model {model!r} has no catalog price and {subject} has a budget: calls to unpriced models are refused "
+        "under a budget (budgets.unpriced_models: refuse)",
+        metadata={"model": model, "subject": subject},
     )
 
 
@@ -497,6 +521,16 @@ def key_read_only(name: str) -> GatewayError:
     return GatewayError(
         Reason.KEY_READ_ONLY,
         f"{name} comes from the gateway's configuration file; change it there",
+        metadata={"name": name},
+    )
+
+
+def key_revoked_precondition(name: str) -> GatewayError:
+    """FAILED_PRECONDITION / KEY_REVOKED: UpdateKey or RotateKey on a revoked key (revocation is
+    permanent; create a new key instead)."""
+    return GatewayError(
+        Reason.KEY_REVOKED,
+        f"{name} is revoked; a revoked key cannot be changed or rotated (create a new key)",
         metadata={"name": name},
     )
 

@@ -26,6 +26,8 @@ class CallOutcome:
         answered_model: the model id the provider reported in its answer ("" until answered).
         usage: tokens of the answer (None until it is known; estimated counts say so).
         cost: USD of the answer at catalog prices (None until known; a cache hit costs nothing).
+        saved_cost: for a cache hit, what the cached answer cost when it was first made (None
+            otherwise): the usage ledger records it as the cost saved.
         attempts: every attempt made, skipped ones included, in order.
         ttft_ms: upstream time to first event of a stream, ms (None for unary calls).
         upstream_ms: time spent waiting on providers, summed over attempts, ms.
@@ -39,6 +41,7 @@ class CallOutcome:
     answered_model: str = ""
     usage: Usage | None = None
     cost: Cost | None = None
+    saved_cost: Cost | None = None
     attempts: tuple[Attempt, ...] = ()
     ttft_ms: float | None = None
     cache_hit: bool = False

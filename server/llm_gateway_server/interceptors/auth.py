@@ -1,29 +1,40 @@
-"""Authentication: `authorization: Bearer <key>` or `x-api-key: <key>` metadata, checked against
-configured keys stored only as SHA-256 hashes (compared in constant time). Per key: expiry,
-disabled flag and allowed model globs. The key itself is never logged or echoed."""
+"""Authentication: `authorization: Bearer <key>` or `x-api-key: <key>` metadata, resolved by the
+key cache (`tenancy/key_cache.py`: configured keys and keys created through the admin API, held
+only as SHA-256 digests and compared in constant time). Per key: revocation, expiry, disabled flag,
+and allowed model globs, the key's and its team's (both must match; empty: every model). The key
+itself is never logged or echoed.
+
+When auth applies: as soon as any key exists (configured or created), every call needs a valid
+one. With `anonymous_when_no_keys` (the gateway passes it only on a loopback bind) and no key at
+all, calls pass without a key, whatever credential they carry (as before keys existed).
+"""
 
 from __future__ import annotations
 
 import fnmatch
-import hashlib
-import hmac
-from collections.abc import Sequence
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
 
 from llm_gateway.v1 import llm_gateway_pb2 as pb
 
-from ..config import ApiKeySettings
-from ..errors import api_key_disabled, api_key_expired, api_key_invalid, model_not_allowed
+from ..config import ApiKeySettings, KeyCacheSettings
+from ..errors import GatewayError, api_key_invalid, model_not_allowed
+from ..tenancy.key_cache import KeyCache, hash_key
+from ..tenancy.records import Tenant
 from ..transport.call_record import current_call
-from .base import AdmissionInterceptor
+from ..transport.status import abort
+from .base import GatewayInterceptor, StreamBehavior, UnaryBehavior
 
-
-def hash_key(key: str) -> str:
-    """The SHA-256 hex digest under which a key is configured (`key_sha256`)."""
-    return hashlib.sha256(key.encode()).hexdigest()
+__all__ = [
+    "AmbiguousCredentialsError",
+    "AuthInterceptor",
+    "check_models",
+    "hash_key",
+    "presented_key",
+    "requested_models",
+]
 
 
 class AmbiguousCredentialsError(ValueError):
@@ -57,42 +68,92 @@ def requested_models(request: object) -> list[str]:
     return []
 
 
-class AuthInterceptor(AdmissionInterceptor):
-    """Authenticates every non-exempt call and checks the requested model against the key's globs."""
+def _allowed(model: str, patterns: tuple[str, ...]) -> bool:
+    return not patterns or any(fnmatch.fnmatchcase(model, pattern) for pattern in patterns)
 
-    def __init__(self, keys: Sequence[ApiKeySettings]) -> None:
+
+def check_models(tenant: Tenant, models: Sequence[str]) -> None:
+    """Every model must match the key's globs and its team's (empty globs: every model).
+
+    Raises:
+        GatewayError: PERMISSION_DENIED / MODEL_NOT_ALLOWED naming the first model refused.
+    """
+    key, team = tenant.key, tenant.team
+    for model in models:
+        if not _allowed(model, key.allowed_models):
+            raise model_not_allowed(key.id, model)
+        if team is not None and not _allowed(model, team.allowed_models):
+            raise model_not_allowed(key.id, model, team_id=team.id)
+
+
+class AuthInterceptor(GatewayInterceptor):
+    """Authenticates every call of the chain it runs in (health and reflection never reach it),
+    checks the requested models and notes the tenant on the call record.
+
+    Args:
+        keys: the key cache; or, for a gateway without a control-plane store, the configured keys
+            (a `KeyCache` of those alone is built).
+        anonymous_when_no_keys: with no key at all, let calls through without one (only for a
+            loopback bind); False: a call without a valid key is UNAUTHENTICATED even then.
+    """
+
+    def __init__(self, keys: KeyCache | Sequence[ApiKeySettings], *, anonymous_when_no_keys: bool = False) -> None:
         super().__init__()
-        self._by_hash = {k.key_sha256: k for k in keys}
+        self._cache = keys if isinstance(keys, KeyCache) else KeyCache(None, keys, KeyCacheSettings())
+        self._anonymous = anonymous_when_no_keys
 
-    def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any], request: Any) -> ApiKeySettings:
+    @property
+    def cache(self) -> KeyCache:
+        """The key cache this interceptor resolves keys with."""
+        return self._cache
+
+    async def is_data_plane_key(self, secret: str) -> bool:
+        """Whether `secret` is a working data-plane key (the admin API answers PERMISSION_DENIED
+        for one instead of UNAUTHENTICATED)."""
+        return await self._cache.is_key(secret)
+
+    async def authenticate(self, context: grpc.aio.ServicerContext[Any, Any], request: Any) -> Tenant | None:
+        """The call's tenant, or None for an anonymous call (no key exists and anonymous calls
+        are allowed).
+
+        Raises:
+            GatewayError: UNAUTHENTICATED API_KEY_INVALID (no key, more than one, or unknown),
+                API_KEY_REVOKED, API_KEY_EXPIRED; PERMISSION_DENIED API_KEY_DISABLED or
+                MODEL_NOT_ALLOWED; UNAVAILABLE KEY_STORE_UNAVAILABLE (see `KeyCache.resolve`).
+        """
+        if self._anonymous and not await self._cache.keys_exist():
+            return None
         try:
-            key = presented_key(context.invocation_metadata())
+            secret = presented_key(context.invocation_metadata())
         except AmbiguousCredentialsError:
             raise api_key_invalid(
                 "more than one credential sent: send exactly one of `authorization: Bearer <key>` or `x-api-key`"
             ) from None
-        if key is None:
+        if secret is None:
             raise api_key_invalid("missing API key: send `authorization: Bearer <key>` or `x-api-key`")
-        digest = hash_key(key)
-        entry = self._by_hash.get(digest)
-        if entry is None or not hmac.compare_digest(entry.key_sha256, digest):
-            raise api_key_invalid("the API key is not valid")
-        if entry.disabled:
-            raise api_key_disabled(entry.id)
-        if entry.expires_at is not None and entry.expires_at.astimezone(UTC) <= datetime.now(UTC):
-            raise api_key_expired(entry.id, entry.expires_at.isoformat())
-        for model in requested_models(request):
-            if not any(fnmatch.fnmatchcase(model, pattern) for pattern in entry.allowed_models):
-                raise model_not_allowed(entry.id, model)
-        return entry
+        tenant = await self._cache.resolve(secret)
+        check_models(tenant, requested_models(request))
+        return tenant
 
-    def admit(self, context: grpc.aio.ServicerContext[Any, Any], request: Any) -> None:
-        """Authenticates the call and notes its key on the call record.
-
-        Raises:
-            GatewayError: UNAUTHENTICATED / PERMISSION_DENIED (see `_authenticate`).
-        """
-        entry = self._authenticate(context, request)
+    async def _admit(self, context: grpc.aio.ServicerContext[Any, Any], request: Any) -> None:
         record = current_call.get()
-        if record is not None:
-            record.key_id, record.owner, record.scope = entry.id, entry.owner or entry.id, f"key:{entry.id}"
+        try:
+            tenant = await self.authenticate(context, request)
+        except GatewayError as error:
+            await abort(context, error, record.request_id if record else "")
+        if record is not None and tenant is not None:
+            key = tenant.key
+            record.tenant, record.key_id, record.owner, record.scope = tenant, key.id, key.tenant, key.name
+
+    async def unary(
+        self, inner: UnaryBehavior, request: Any, context: grpc.aio.ServicerContext[Any, Any], method: str
+    ) -> Any:
+        await self._admit(context, request)
+        return await inner(request, context)
+
+    async def stream(
+        self, inner: StreamBehavior, request: Any, context: grpc.aio.ServicerContext[Any, Any], method: str
+    ) -> AsyncIterator[Any]:
+        await self._admit(context, request)
+        async for item in inner(request, context):
+            yield item

@@ -9,7 +9,7 @@ Health and reflection calls pass through untouched (health's `Watch` writes with
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -76,10 +76,22 @@ class InterceptorChain(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     on every call; the chain resolves the handler once per method and calls each layer's `unary` /
     `stream` directly (one frame per layer), which is what every call pays (bench/INSTRUCTIONS.md).
     Health and reflection pass through untouched, as with `GatewayInterceptor`.
+
+    Args:
+        interceptors: the layers of every other method (the data plane), outermost first.
+        by_prefix: layers for the methods whose full name starts with a prefix instead (e.g.
+            "/llm_gateway.admin.v1.AdminService/" → observability and admin auth): the admin
+            API never runs the data plane's auth, limits or cache, and the data plane never runs
+            admin auth.
     """
 
-    def __init__(self, interceptors: Sequence[GatewayInterceptor]) -> None:
+    def __init__(
+        self,
+        interceptors: Sequence[GatewayInterceptor],
+        by_prefix: Mapping[str, Sequence[GatewayInterceptor]] | None = None,
+    ) -> None:
         self._layers = tuple(interceptors)
+        self._by_prefix = {prefix: tuple(layers) for prefix, layers in (by_prefix or {}).items()}
         self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler]] = {}
 
     @property
@@ -103,10 +115,18 @@ class InterceptorChain(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._wrapped[method] = (handler, wrapped)
         return wrapped
 
+    def layers_for(self, method: str) -> tuple[GatewayInterceptor, ...]:
+        """The layers that `method` (a full method name) runs, outermost first."""
+        for prefix, layers in self._by_prefix.items():
+            if method.startswith(prefix):
+                return layers
+        return self._layers
+
     def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        layers = self.layers_for(method)
         if handler.unary_unary is not None:
             unary: UnaryBehavior = handler.unary_unary
-            for layer in reversed(self._layers):
+            for layer in reversed(layers):
                 unary = functools.partial(layer.unary, unary, method=method)
             return grpc.unary_unary_rpc_method_handler(
                 unary,
@@ -115,7 +135,7 @@ class InterceptorChain(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             )
         if handler.unary_stream is not None:
             stream: StreamBehavior = handler.unary_stream
-            for layer in reversed(self._layers):
+            for layer in reversed(layers):
                 stream = functools.partial(layer.stream, stream, method=method)
             return grpc.unary_stream_rpc_method_handler(
                 stream,

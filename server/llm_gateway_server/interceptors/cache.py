@@ -22,7 +22,7 @@ from google.protobuf import message as pb_message
 from llm_gateway.v1 import llm_gateway_pb2 as pb
 
 from ..config import CacheSettings
-from ..domain import Usage
+from ..domain import Cost, Usage
 from ..state.base import BackendUnavailableError, CacheBackend
 from ..telemetry.metrics import Metrics
 from ..transport.call_record import current_call
@@ -65,9 +65,9 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _note_hit(model: str, provider: str, usage: pb.Usage) -> None:
-    """Fills the call's outcome from a cached answer: the deployment that once gave it and its
-    tokens (nothing was spent: no cost, no attempts)."""
+def _note_hit(model: str, provider: str, usage: pb.Usage, cost: pb.Cost) -> None:
+    """Fills the call's outcome from a cached answer: the deployment that once gave it, its
+    tokens and, as `saved_cost`, what it cost then (nothing was spent: no cost, no attempts)."""
     record = current_call.get()
     if record is None:
         return
@@ -78,8 +78,11 @@ def _note_hit(model: str, provider: str, usage: pb.Usage) -> None:
         input_tokens=usage.input_tokens,
         output_tokens=usage.output_tokens,
         cached_input_tokens=usage.cached_input_tokens,
+        cache_creation_input_tokens=usage.cache_creation_input_tokens,
+        reasoning_tokens=usage.reasoning_tokens,
         estimated=usage.estimated,
     )
+    outcome.saved_cost = Cost(input_usd=cost.input_usd, output_usd=cost.output_usd, priced=cost.priced)
     outcome.cache_hit = outcome.completed = True
 
 
@@ -139,7 +142,7 @@ class CacheInterceptor(GatewayInterceptor):
                 record = current_call.get()
                 response.id = record.request_id if record else response.id  # type: ignore[attr-defined]
                 response.cache.hit, response.cache.age_ms = True, max(_now_ms() - stored_at, 0)  # type: ignore[attr-defined]
-                _note_hit(response.model, response.provider, response.usage)  # type: ignore[attr-defined]
+                _note_hit(response.model, response.provider, response.usage, response.cost)  # type: ignore[attr-defined]
                 self._count(name, "hit")
                 return response
             self._count(name, "miss")
@@ -193,5 +196,5 @@ class CacheInterceptor(GatewayInterceptor):
                 message.id = record.request_id
             if message.WhichOneof("event") == "final":
                 message.final.cache.hit, message.final.cache.age_ms = True, max(_now_ms() - stored_at, 0)
-                _note_hit(message.model, message.provider, message.final.usage)
+                _note_hit(message.model, message.provider, message.final.usage, message.final.cost)
             yield message

@@ -19,8 +19,12 @@ from llm_gateway.v1 import llm_gateway_pb2 as pb
 
 from ..errors import malformed_request
 from ..transport import validation
+from ..transport.call_record import current_call
 from ..transport.decoding import MalformedRequest
 from .base import AdmissionInterceptor
+
+# Requests whose `model` and `end_user_id` the call record notes for the usage ledger.
+_NAMED = (pb.ChatRequest, pb.ChatStreamRequest, pb.EmbedRequest)
 
 _CHECKS: dict[type[Any], Callable[[Any], None]] = {
     pb.ChatRequest: validation.check_chat,
@@ -48,5 +52,12 @@ class ValidationInterceptor(AdmissionInterceptor):
     """Refuses malformed and invalid requests (see module docstring)."""
 
     def admit(self, context: grpc.aio.ServicerContext[Any, Any], request: Any) -> None:
-        """Raises GatewayError for a malformed or invalid request (see `check`)."""
+        """Notes the request's model and end-user id on the call record (clipped to their
+        limits, before the check: a refused call is recorded with them too), then raises
+        GatewayError for a malformed or invalid request (see `check`)."""
+        if isinstance(request, _NAMED):
+            record = current_call.get()
+            if record is not None:
+                record.model = request.model[: validation.MAX_MODEL_CHARS]
+                record.end_user_id = request.end_user_id[: validation.MAX_END_USER_CHARS]
         check(request)

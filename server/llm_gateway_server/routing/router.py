@@ -246,6 +246,13 @@ class Router:
                     provider_response_id=event.response_id,
                 )
         finally:
+            if not ctx.outcome.completed:
+                # Cut after the stream was committed (upstream failure, client cancel, drain):
+                # the provider was paid for the input and the output so far. The estimate is the
+                # call's usage and cost (ledger, budgets, limits, metrics).
+                usage = usage_or_estimate(None, request.messages, output_chars)
+                ctx.outcome.usage = usage
+                ctx.outcome.cost = cost_of(usage, deployment.info.pricing if deployment.info else None)
             await stream.aclose()
 
     async def embed(self, request: EmbedRequest, ctx: CallContext) -> EmbedResponse:

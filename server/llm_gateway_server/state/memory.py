@@ -2,52 +2,125 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 
-from .base import CacheBackend, RateLimitBackend, Reservation, current_window, token_amount
+from .base import (
+    BUDGET_MARGIN_S,
+    WINDOW_S,
+    Admission,
+    BudgetQuota,
+    CacheBackend,
+    QuotaBackend,
+    QuotaRequest,
+    ScopeCount,
+    current_window,
+    nano_amount,
+    token_amount,
+)
 
 
-class MemoryRateLimits(RateLimitBackend):
-    """Per-scope counters of the current window, and open streams, in a dict. Single-threaded
-    asyncio makes each method atomic (no await inside)."""
+class MemoryQuotas(QuotaBackend):
+    """Rate-limit windows, stream slots and budget counters of each scope in dicts, with the
+    semantics of `RedisQuotas` (state/base.py). Single-threaded asyncio makes `admit` and
+    `settle` atomic (no await inside). Stale entries (old windows, expired period counters,
+    empty stream sets) are swept at most once a window, so anonymous peers and past periods do
+    not accumulate."""
 
     def __init__(self) -> None:
-        self._counts: dict[str, tuple[int, int, int]] = {}  # scope -> (window, requests, tokens)
-        self._streams: dict[str, dict[str, float]] = {}
+        self._windows: dict[str, list[int]] = {}  # scope -> [window, requests, tokens]
+        self._streams: dict[str, dict[str, float]] = {}  # scope -> {stream id: start, unix s}
+        self._spend: dict[tuple[str, str], list[float]] = {}  # (scope, counter) -> [nano-USD, expires at]
+        self._next_sweep = 0.0
 
-    async def acquire(self, scope: str, rpm: int | None, tpm: int | None, tokens: int) -> Reservation:
-        tokens = token_amount(tokens)
-        window, reset = current_window()
-        seen_window, requests, used = self._counts.get(scope, (window, 0, 0))
-        if seen_window != window:
-            requests, used = 0, 0
-        exceeded = "requests" if rpm is not None and requests + 1 > rpm else ""
-        if not exceeded and tpm is not None and used + tokens > tpm:
-            exceeded = "tokens"
-        if exceeded:
-            return Reservation(False, exceeded, requests, used, window, reset, 0)
-        self._counts[scope] = (window, requests + 1, used + tokens)
-        return Reservation(True, "", requests + 1, used + tokens, window, reset, tokens)
+    def _spent(self, scope: str, budget: BudgetQuota, now: float) -> float | None:
+        entry = self._spend.get((scope, budget.counter))
+        return entry[0] if entry is not None and entry[1] > now else None
 
-    async def reconcile(self, scope: str, reservation: Reservation, actual_tokens: int) -> None:
-        window, requests, used = self._counts.get(scope, (reservation.window, 0, 0))
-        if window == reservation.window:
-            refunded = used - token_amount(reservation.reserved_tokens) + token_amount(actual_tokens)
-            self._counts[scope] = (window, requests, max(refunded, 0))
-
-    async def open_stream(self, scope: str, stream_id: str, limit: int, max_age_s: float) -> bool:
-        now = time.monotonic()
+    def _open_streams(self, scope: str, now: float, max_age_s: float) -> dict[str, float]:
         streams = self._streams.setdefault(scope, {})
-        for old in [k for k, t in streams.items() if now - t > max_age_s]:
+        for old in [k for k, started in streams.items() if now - started > max_age_s]:
             del streams[old]
-        if len(streams) >= limit:
-            return False
-        streams[stream_id] = now
-        return True
+        return streams
 
-    async def close_stream(self, scope: str, stream_id: str) -> None:
-        self._streams.get(scope, {}).pop(stream_id, None)
+    def _refusal(self, request: QuotaRequest, at: int, exceeded: str, found: ScopeCount) -> Admission:
+        window, reset = current_window(request.now)
+        counts = tuple(found if i == at else ScopeCount() for i in range(len(request.scopes)))
+        return Admission(False, request, window, reset, counts, at, exceeded)
+
+    async def admit(self, request: QuotaRequest) -> Admission:
+        now = request.now
+        if now >= self._next_sweep:
+            self._sweep(now)
+        window, reset = current_window(now)
+        tokens = token_amount(request.tokens)
+        cost = nano_amount(request.cost_nano_usd)
+        stream = request.stream_id
+        for i, scope in enumerate(request.scopes):
+            spent = 0
+            if scope.budget is not None:
+                found = self._spent(scope.scope, scope.budget, now)
+                spent = int(nano_amount(scope.budget.seed_nano_usd) if found is None else found)
+                if spent >= scope.budget.limit_nano_usd:
+                    return self._refusal(request, i, "budget", ScopeCount(spend_nano_usd=spent))
+            if scope.windowed:
+                counted = self._windows.get(scope.scope)
+                requests, used = (counted[1], counted[2]) if counted is not None and counted[0] == window else (0, 0)
+                if scope.rpm is not None and requests + 1 > scope.rpm:
+                    return self._refusal(request, i, "requests", ScopeCount(requests, used, spent))
+                if scope.tpm is not None and used + tokens > scope.tpm:
+                    return self._refusal(request, i, "tokens", ScopeCount(requests, used, spent))
+            if (
+                scope.max_streams is not None
+                and stream
+                and len(self._open_streams(scope.scope, now, request.stream_max_age_s)) >= scope.max_streams
+            ):
+                return self._refusal(request, i, "streams", ScopeCount(spend_nano_usd=spent))
+        counts = []
+        for scope in request.scopes:
+            requests = used = spent = 0
+            if scope.budget is not None:
+                budget = scope.budget
+                entry = self._spend.get((scope.scope, budget.counter))
+                if entry is None or entry[1] <= now:
+                    expires = math.inf if budget.end_s is None else budget.end_s + BUDGET_MARGIN_S
+                    entry = self._spend[(scope.scope, budget.counter)] = [nano_amount(budget.seed_nano_usd), expires]
+                entry[0] += cost
+                spent = int(entry[0])
+            if scope.windowed:
+                counted = self._windows.get(scope.scope)
+                if counted is None or counted[0] != window:
+                    counted = self._windows[scope.scope] = [window, 0, 0]
+                counted[1] += 1
+                counted[2] += tokens
+                requests, used = counted[1], counted[2]
+            if scope.max_streams is not None and stream:
+                self._streams[scope.scope][stream] = now
+            counts.append(ScopeCount(requests, used, spent))
+        return Admission(True, request, window, reset, tuple(counts))
+
+    async def settle(self, admission: Admission, tokens: int, cost_nano_usd: int) -> None:
+        request = admission.request
+        token_delta = token_amount(tokens) - admission.reserved_tokens
+        cost_delta = nano_amount(cost_nano_usd) - admission.reserved_nano_usd
+        for scope in request.scopes:
+            counted = self._windows.get(scope.scope) if scope.windowed and token_delta else None
+            if counted is not None and counted[0] == admission.window:
+                counted[2] = max(counted[2] + token_delta, 0)
+            if admission.holds_streams and scope.max_streams is not None:
+                self._streams.get(scope.scope, {}).pop(request.stream_id, None)
+            if scope.budget is not None and cost_delta:
+                entry = self._spend.get((scope.scope, scope.budget.counter))
+                if entry is not None and entry[1] > request.now:
+                    entry[0] = max(entry[0] + cost_delta, 0)
+
+    def _sweep(self, now: float) -> None:
+        window, _ = current_window(now)
+        self._windows = {k: v for k, v in self._windows.items() if v[0] >= window - 1}
+        self._spend = {k: v for k, v in self._spend.items() if v[1] > now}
+        self._streams = {k: v for k, v in self._streams.items() if v}
+        self._next_sweep = now + WINDOW_S
 
 
 class MemoryCache(CacheBackend):
@@ -82,3 +155,7 @@ class MemoryCache(CacheBackend):
     def _drop(self, key: str) -> None:
         _, value = self._entries.pop(key)
         self._bytes -= len(value)
+
+
+# The name app.py imports until it wires `MemoryQuotas` (same class).
+MemoryRateLimits = MemoryQuotas

@@ -1,7 +1,8 @@
 """Redis backends (redis-py asyncio): shared by every worker and replica.
 
-Check-and-reserve is one Lua script, so a limit of N is exact across processes. Every key of a
-scope carries the hash tag `{scope}`, so multi-key scripts also run on Redis Cluster. Every call
+Check-and-reserve of quotas is one Lua script before a call and one after, so a limit of N (and
+a budget) is exact across processes. Every key of a call carries the hash tag of its tenant root
+(`{teams/…}`, `{keys/…}` or `{peer:…}`), so the scripts also run on Redis Cluster. Every call
 is bounded by the socket timeouts and an overall `asyncio.timeout`; failures raise
 `BackendUnavailableError` (the caller decides fail-open or fail-closed).
 """
@@ -21,53 +22,106 @@ from redis.exceptions import RedisError
 from ..config import BreakerSettings
 from ..routing.breaker import BreakerState, CircuitBreaker  # pure state machine, shared with deployments
 from .base import (
+    BUDGET_MARGIN_S,
     WINDOW_S,
+    Admission,
     BackendUnavailableError,
     CacheBackend,
-    RateLimitBackend,
-    Reservation,
+    QuotaBackend,
+    QuotaRequest,
+    ScopeCount,
     current_window,
+    nano_amount,
     token_amount,
 )
 
 T = TypeVar("T")
 log = structlog.get_logger(__name__)
 
-# KEYS: requests counter, tokens counter. ARGV: rpm (-1: none), tpm (-1: none), tokens, ttl ms.
-_ACQUIRE = """
-local requests = tonumber(redis.call('GET', KEYS[1]) or '0')
-local used = tonumber(redis.call('GET', KEYS[2]) or '0')
-local rpm, tpm, tokens = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-if rpm >= 0 and requests + 1 > rpm then return {0, requests, used, 'requests'} end
-if tpm >= 0 and used + tokens > tpm then return {0, requests, used, 'tokens'} end
-requests = redis.call('INCR', KEYS[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-used = redis.call('INCRBY', KEYS[2], tokens)
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-return {1, requests, used, ''}
+# Counters of scope i (1-based): KEYS[3i-2] the window hash (fields r: requests, t: tokens),
+# KEYS[3i-1] the open-streams sorted set (member: stream id, score: start ms), KEYS[3i] the
+# budget counter (nano-USD). ARGV: now ms, stream max age ms, window ttl ms, tokens, cost
+# (nano-USD), stream id ('' for none), number of scopes; then per scope: rpm, tpm, max streams,
+# budget limit (-1: none for each), seed, budget counter expiry (unix ms; -1: never).
+# Amounts travel as the decimal strings of ARGV (INCRBY takes them as 64-bit integers); Lua
+# compares them as doubles, exact below 2^53.
+# Returns {1, requests, tokens, spend, ... per scope} or {0, refusing scope, what, r, t, s}.
+_ADMIT = """
+local now, age, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
+local tokens, stream, n = tonumber(ARGV[4]), ARGV[6], tonumber(ARGV[7])
+for i = 1, n do
+  local a = 7 + 6 * (i - 1)
+  local rpm, tpm = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  local streams, limit = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+  local spent = 0
+  if limit >= 0 then
+    spent = tonumber(redis.call('GET', KEYS[3 * i]) or ARGV[a + 5])
+    if spent >= limit then return {0, i, 'budget', 0, 0, spent} end
+  end
+  if rpm >= 0 or tpm >= 0 then
+    local counts = redis.call('HMGET', KEYS[3 * i - 2], 'r', 't')
+    local requests, used = tonumber(counts[1] or '0'), tonumber(counts[2] or '0')
+    if rpm >= 0 and requests + 1 > rpm then return {0, i, 'requests', requests, used, spent} end
+    if tpm >= 0 and used + tokens > tpm then return {0, i, 'tokens', requests, used, spent} end
+  end
+  if streams >= 0 and stream ~= '' then
+    redis.call('ZREMRANGEBYSCORE', KEYS[3 * i - 1], '-inf', now - age)
+    if redis.call('ZCARD', KEYS[3 * i - 1]) >= streams then return {0, i, 'streams', 0, 0, spent} end
+  end
+end
+local out = {1}
+for i = 1, n do
+  local a = 7 + 6 * (i - 1)
+  local requests, used, spent = 0, 0, 0
+  if tonumber(ARGV[a + 4]) >= 0 then
+    local counter = KEYS[3 * i]
+    if redis.call('EXISTS', counter) == 0 then
+      redis.call('SET', counter, ARGV[a + 5])
+      -- never in the past (a call admitted just after its period's end still counts exactly)
+      local expires = tonumber(ARGV[a + 6])
+      if expires >= 0 then redis.call('PEXPIREAT', counter, math.max(expires, now + 60000)) end
+    end
+    spent = redis.call('INCRBY', counter, ARGV[5])
+  end
+  if tonumber(ARGV[a + 1]) >= 0 or tonumber(ARGV[a + 2]) >= 0 then
+    requests = redis.call('HINCRBY', KEYS[3 * i - 2], 'r', 1)
+    used = redis.call('HINCRBY', KEYS[3 * i - 2], 't', ARGV[4])
+    redis.call('PEXPIRE', KEYS[3 * i - 2], ttl)
+  end
+  if tonumber(ARGV[a + 3]) >= 0 and stream ~= '' then
+    redis.call('ZADD', KEYS[3 * i - 1], ARGV[1], stream)
+    redis.call('PEXPIRE', KEYS[3 * i - 1], ARGV[2])
+  end
+  out[#out + 1] = requests
+  out[#out + 1] = used
+  out[#out + 1] = spent
+end
+return out
 """
 
-# KEYS: the tokens counter. ARGV: delta. Never below zero.
-_RECONCILE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local value = redis.call('INCRBY', KEYS[1], ARGV[1])
-if value < 0 then redis.call('SET', KEYS[1], 0, 'KEEPTTL') end
-return value
-"""
-
-# KEYS: the open-streams sorted set. ARGV: now ms, max age ms, limit, stream id.
-_OPEN_STREAM = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]) - tonumber(ARGV[2]))
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
-redis.call('ZADD', KEYS[1], ARGV[1], ARGV[4])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+# KEYS as for _ADMIT. ARGV: token delta, cost delta (nano-USD), stream id ('' for none), number
+# of scopes; then per scope three flags ('1' / '0'): windowed, holds a stream slot, budgeted.
+# Counters that no longer exist are left alone; none goes below zero.
+_SETTLE = """
+local n = tonumber(ARGV[4])
+for i = 1, n do
+  local a = 4 + 3 * (i - 1)
+  if ARGV[a + 1] == '1' and ARGV[1] ~= '0' and redis.call('EXISTS', KEYS[3 * i - 2]) == 1 then
+    if redis.call('HINCRBY', KEYS[3 * i - 2], 't', ARGV[1]) < 0 then redis.call('HSET', KEYS[3 * i - 2], 't', 0) end
+  end
+  if ARGV[a + 2] == '1' then redis.call('ZREM', KEYS[3 * i - 1], ARGV[3]) end
+  if ARGV[a + 3] == '1' and ARGV[2] ~= '0' and redis.call('EXISTS', KEYS[3 * i]) == 1 then
+    if redis.call('INCRBY', KEYS[3 * i], ARGV[2]) < 0 then redis.call('SET', KEYS[3 * i], 0, 'KEEPTTL') end
+  end
+end
 return 1
 """
 
 
-def key(scope: str, *parts: object) -> str:
-    """`llmgw:{scope}:part:part` (the braces are the Redis Cluster hash tag)."""
-    return ":".join(["llmgw", "{" + scope + "}", *map(str, parts)])
+def key(tag: str, *parts: object) -> str:
+    """`llmgw:{tag}:part:part` (the braces are the Redis Cluster hash tag: every key of one tag is
+    in one slot)."""
+    return ":".join(["llmgw", "{" + tag + "}", *map(str, parts)])
 
 
 # A frozen or unreachable Redis costs every call its full timeout; after this many failures in a
@@ -77,14 +131,25 @@ REDIS_BREAKER = BreakerSettings(consecutive_failures=3, failure_rate=1.0, min_ca
 BreakerListener = Callable[[BreakerState], None]
 
 
+# Connections per pool: a call beyond them waits for a free one (within the call's timeout).
+# redis-py's default pool (100) refuses a call beyond its size with MaxConnectionsError instead.
+MAX_CONNECTIONS = 64
+
+
 class _Client:
     """One Redis connection pool behind a circuit breaker (`REDIS_BREAKER`); `component` names it
-    in logs ("rate_limit", "cache")."""
+    in logs ("rate_limit", "cache"). At most `MAX_CONNECTIONS` connections: calls beyond wait."""
 
     def __init__(self, url: str, timeout_s: float, component: str) -> None:
-        self.redis = redis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry_on_timeout=False
+        pool = redis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=timeout_s,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry_on_timeout=False,
         )
+        self.redis = redis.Redis(connection_pool=pool)
         self._timeout_s = timeout_s * 2
         self._component = component
         self._breaker = CircuitBreaker(REDIS_BREAKER)
@@ -132,41 +197,91 @@ class _Client:
         return result
 
 
-class RedisRateLimits(RateLimitBackend):
-    """Rate limits in Redis (see module docstring)."""
+class RedisQuotas(QuotaBackend):
+    """Quotas in Redis (see state/base.py): `admit` and `settle` are one script call each
+    (EVALSHA; the script is loaded on NOSCRIPT), every counter of a call under the hash tag of
+    its tenant root (`llmgw:{tag}:{scope}:win:{window}`, `…:streams`, `…:spend:{period}:{start}`),
+    so the check of a key and its team is atomic and exact across workers and replicas, and
+    runs on Redis Cluster."""
 
     def __init__(self, url: str, timeout_s: float) -> None:
         self._client = _Client(url, timeout_s, "rate_limit")
         self.subscribe = self._client.subscribe
-        self._acquire = self._client.redis.register_script(_ACQUIRE)
-        self._reconcile = self._client.redis.register_script(_RECONCILE)
-        self._open = self._client.redis.register_script(_OPEN_STREAM)
+        self._admit = self._client.redis.register_script(_ADMIT)
+        self._settle = self._client.redis.register_script(_SETTLE)
 
-    async def acquire(self, scope: str, rpm: int | None, tpm: int | None, tokens: int) -> Reservation:
-        tokens = token_amount(tokens)
-        window, reset = current_window()
-        keys = [key(scope, "req", window), key(scope, "tok", window)]
-        args = [-1 if rpm is None else rpm, -1 if tpm is None else tpm, tokens, int(WINDOW_S * 2 * 1000)]
-        result: list[Any] = await self._client.run(self._acquire(keys=keys, args=args))
-        allowed, requests, used, exceeded = int(result[0]), int(result[1]), int(result[2]), result[3]
+    async def admit(self, request: QuotaRequest) -> Admission:
+        window, reset = current_window(request.now)
+        tokens = token_amount(request.tokens)
+        cost = nano_amount(request.cost_nano_usd)
+        max_age_ms = int(request.stream_max_age_s * 1000)
+        keys: list[str] = []
+        args: list[str | int | float] = [
+            int(request.now * 1000),
+            max_age_ms,
+            WINDOW_S * 2 * 1000,
+            tokens,
+            cost,
+            request.stream_id,
+            len(request.scopes),
+        ]
+        tag = request.tag
+        for scope in request.scopes:
+            budget = scope.budget
+            counter = budget.counter if budget is not None else "spend"
+            keys += (
+                key(tag, scope.scope, "win", window),
+                key(tag, scope.scope, "streams"),
+                key(tag, scope.scope, counter),
+            )
+            if budget is None:
+                args += (_none(scope.rpm), _none(scope.tpm), _none(scope.max_streams), -1, 0, -1)
+            else:
+                expires = -1 if budget.end_s is None else (budget.end_s + BUDGET_MARGIN_S) * 1000
+                args += (
+                    _none(scope.rpm),
+                    _none(scope.tpm),
+                    _none(scope.max_streams),
+                    budget.limit_nano_usd,
+                    nano_amount(budget.seed_nano_usd),
+                    expires,
+                )
+        result: list[Any] = await self._client.run(self._admit(keys=keys, args=args))
+        if int(result[0]):
+            counts = tuple(
+                ScopeCount(int(result[j]), int(result[j + 1]), int(result[j + 2])) for j in range(1, len(result), 3)
+            )
+            return Admission(True, request, window, reset, counts, keys=tuple(keys))
+        at, exceeded = int(result[1]) - 1, result[2]
         exceeded = exceeded.decode() if isinstance(exceeded, bytes) else str(exceeded)
-        return Reservation(bool(allowed), exceeded, requests, used, window, reset, tokens if allowed else 0)
+        found = ScopeCount(int(result[3]), int(result[4]), int(result[5]))
+        counts = tuple(found if i == at else ScopeCount() for i in range(len(request.scopes)))
+        return Admission(False, request, window, reset, counts, at, exceeded, keys=tuple(keys))
 
-    async def reconcile(self, scope: str, reservation: Reservation, actual_tokens: int) -> None:
-        delta = token_amount(actual_tokens) - token_amount(reservation.reserved_tokens)
-        if delta:
-            await self._client.run(self._reconcile(keys=[key(scope, "tok", reservation.window)], args=[delta]))
-
-    async def open_stream(self, scope: str, stream_id: str, limit: int, max_age_s: float) -> bool:
-        now_ms = int(time.time() * 1000)
-        args: list[str | int] = [now_ms, int(max_age_s * 1000), limit, stream_id]
-        return bool(await self._client.run(self._open(keys=[key(scope, "streams")], args=args)))
-
-    async def close_stream(self, scope: str, stream_id: str) -> None:
-        await self._client.run(self._client.redis.zrem(key(scope, "streams"), stream_id))
+    async def settle(self, admission: Admission, tokens: int, cost_nano_usd: int) -> None:
+        request = admission.request
+        token_delta = token_amount(tokens) - admission.reserved_tokens
+        cost_delta = nano_amount(cost_nano_usd) - admission.reserved_nano_usd
+        streams = admission.holds_streams
+        if not token_delta and not cost_delta and not streams:
+            return
+        keys = admission.keys
+        args: list[str | int] = [token_delta, cost_delta, request.stream_id if streams else "", len(request.scopes)]
+        for scope in request.scopes:
+            args += (
+                "1" if scope.windowed else "0",
+                "1" if streams and scope.max_streams is not None else "0",
+                "1" if scope.budget is not None else "0",
+            )
+        await self._client.run(self._settle(keys=keys, args=args))
 
     async def aclose(self) -> None:
-        await self._client.redis.aclose()
+        await self._client.redis.aclose(close_connection_pool=True)
+
+
+def _none(limit: int | None) -> int:
+    """A limit as the scripts take it: -1 for none."""
+    return -1 if limit is None else limit
 
 
 class RedisCache(CacheBackend):
@@ -184,4 +299,8 @@ class RedisCache(CacheBackend):
         await self._client.run(self._client.redis.set(cache_key, value, px=ttl_s * 1000))
 
     async def aclose(self) -> None:
-        await self._client.redis.aclose()
+        await self._client.redis.aclose(close_connection_pool=True)
+
+
+# The name app.py imports until it wires `RedisQuotas` (same class).
+RedisRateLimits = RedisQuotas

@@ -14,8 +14,9 @@ every worker that ever ran (a restarted worker's counts stay), gauges by their
 
 Label values are bounded: `model` is a model the configuration names (a catalog model, or an
 alias deployment / fallback), else "other" (a passthrough name a client chose), or "unresolved";
-`reason` is an `errors.Reason` value; `key` a configured API key id or "anonymous"; `method` a
-gRPC method; `provider` a configured provider name.
+`reason` is an `errors.Reason` value; `key` an API key id (configured, or created through the
+admin API: admins create them, clients cannot) or "anonymous"; `team` a team id (admin-created) or
+""; `method` a gRPC method; `provider` a configured provider name.
 """
 
 from __future__ import annotations
@@ -177,7 +178,10 @@ class Metrics:
             registry=r,
         )
         self.rate_limited = Counter(
-            "llm_gateway_rate_limit_rejections_total", "Calls refused by a gateway limit", ["limit"], registry=r
+            "llm_gateway_rate_limit_rejections_total",
+            "Calls refused by a gateway limit (limit: requests, tokens, streams, budget, unpriced)",
+            ["limit"],
+            registry=r,
         )
         self.backend_errors = Counter(
             "llm_gateway_state_backend_errors_total",
@@ -207,6 +211,40 @@ class Metrics:
             "llm_gateway_provider_errors_total",
             "Failed upstream attempts (each retry and fallback attempt counts), by provider and error reason",
             ["provider", "reason"],
+            registry=r,
+        )
+        # The usage ledger (tenancy/ledger.py). `key` / `team` are ids of keys and teams, which
+        # only admins create (a bounded set, like the configured keys of `key_cost`).
+        self.spend = Counter(
+            "llm_gateway_spend_usd_total",
+            "Cost in USD at catalog prices by key and team, as recorded in the usage ledger (cache hits and "
+            "refusals cost nothing; key anonymous without auth, team empty for a key without one)",
+            ["key", "team"],
+            registry=r,
+        )
+        self.ledger_written = Counter(
+            "llm_gateway_ledger_records_written_total", "Usage records written to the database", registry=r
+        )
+        self.ledger_dropped = Counter(
+            "llm_gateway_ledger_records_dropped_total",
+            "Usage records lost: overflow (buffer full while the database is down), drain (not written within "
+            "the drain timeout), rejected (refused by the database alone), closed (submitted after the drain)",
+            ["reason"],
+            registry=r,
+        )
+        self.ledger_buffered = Gauge(
+            "llm_gateway_ledger_buffered_records",
+            "Usage records waiting to be written",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.ledger_flush_failures = Counter(
+            "llm_gateway_ledger_flush_failures_total", "Ledger writes that failed (retried)", registry=r
+        )
+        self.ledger_flush = Histogram(
+            "llm_gateway_ledger_flush_duration_seconds",
+            "Time of one successful ledger write (one batch, one transaction)",
+            buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.breaker = Gauge(

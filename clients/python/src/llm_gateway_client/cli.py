@@ -5,6 +5,7 @@ llm-gateway-client chat --model m --stream "Tell me a story"    # streamed
 llm-gateway-client models [--provider openai]
 llm-gateway-client embed --model text-embedding-3-small "a" "b"
 llm-gateway-client --tls-ca ca.pem [--tls-cert client.pem --tls-key client.key] chat ...   # TLS / mTLS
+llm-gateway-client admin keys|teams|usage|spend ...             # the admin API (see admin_cli)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from google.protobuf import json_format
 
 from llm_gateway.v1 import llm_gateway_pb2 as pb
 
+from . import admin_cli
 from .client import DEFAULT_TARGET, GatewayCallError, GatewayClient
 
 
@@ -26,7 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-gateway-client", description="Call an LLM Gateway.")
     parser.add_argument("--target", default=os.environ.get("LLM_GATEWAY_TARGET", DEFAULT_TARGET), help="host:port")
     parser.add_argument("--api-key", default=os.environ.get("LLM_GATEWAY_API_KEY"), help="gateway key (optional)")
-    parser.add_argument("--timeout", type=float, default=120.0, help="deadline per call, seconds")
+    parser.add_argument(
+        "--timeout", type=float, default=None, help="deadline per call, seconds (default: 120; admin commands: 10)"
+    )
     parser.add_argument("--tls", action="store_true", help="TLS with gRPC's default roots (implied by --tls-*)")
     parser.add_argument("--tls-ca", default=None, metavar="FILE", help="PEM CA bundle for the server certificate")
     parser.add_argument("--tls-cert", default=None, metavar="FILE", help="PEM client certificate (mTLS)")
@@ -46,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     embed = commands.add_parser("embed", help="embed texts")
     embed.add_argument("--model", required=True)
     embed.add_argument("inputs", nargs="+")
+    admin_cli.add_parser(commands)
     return parser
 
 
@@ -53,11 +58,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns 0 on success, 1 on a failed call (status and ErrorInfo on stderr)."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "admin":
+        return admin_cli.run(args)
     try:
         client = GatewayClient(
             args.target,
             api_key=args.api_key,
-            timeout_s=args.timeout,
+            timeout_s=args.timeout if args.timeout is not None else 120.0,
             tls=args.tls,
             tls_ca=args.tls_ca,
             tls_cert=args.tls_cert,
