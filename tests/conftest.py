@@ -10,6 +10,8 @@ test servicer with it.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +20,14 @@ from typing import Any
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
+
+# Gateways started without a `database_url` (subprocesses, direct `start_server` calls) keep
+# their default SQLite store under $XDG_DATA_HOME/llm-gateway: a directory of this test process,
+# never the developer's own ~/.local/share.
+os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="llmgw-test-data-")
+os.environ.pop("LLM_GATEWAY_DATA_DIR", None)
+os.environ.pop("LLM_GATEWAY_DATABASE_URL", None)
+os.environ.pop("LLM_GATEWAY_ADMIN_KEY", None)
 
 from llm_gateway.v1 import llm_gateway_pb2 as pb
 from llm_gateway.v1 import llm_gateway_pb2_grpc as pb_grpc
@@ -63,14 +73,28 @@ GatewayFactory = Callable[..., Awaitable[Gateway]]
 
 
 @pytest.fixture
-async def make_gateway() -> AsyncIterator[GatewayFactory]:
-    """Factory: `await make_gateway(environ, **settings_overrides)` starts a gateway on port 0."""
+async def make_gateway(tmp_path: Path, migrated_sqlite_template: Path) -> AsyncIterator[GatewayFactory]:
+    """Factory: `await make_gateway(environ, **settings_overrides)` starts a gateway on port 0.
+
+    Each gateway gets its own control-plane store (a copy of a migrated SQLite file in the test's
+    temporary directory) unless the test passes `database_url`."""
     started: list[Gateway] = []
+    made = 0
 
     async def make(environ: dict[str, str], **overrides: Any) -> Gateway:
         # One attempt per deployment unless a test asks for retries: adapter tests count upstream
         # calls to show the SDKs' own retries are off (tests/test_resilience.py covers retries).
-        defaults = {"port": 0, "grace_period_s": 0.5, "retry": {"max_attempts": 1}, "metrics_port": 0}
+        nonlocal made
+        made += 1
+        directory = tmp_path / f"gateway-{made}"
+        directory.mkdir()
+        defaults = {
+            "port": 0,
+            "grace_period_s": 0.5,
+            "retry": {"max_attempts": 1},
+            "metrics_port": 0,
+            "database_url": copy_sqlite_template(migrated_sqlite_template, directory),
+        }
         settings = load_settings(environ=environ, overrides={**defaults, **overrides})
         running = await start_server(settings, environ)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")

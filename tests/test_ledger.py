@@ -22,14 +22,13 @@ import pytest
 from sqlalchemy import select
 from structlog.testing import capture_logs
 
-import llm_gateway_server.app as app_module
+from llm_gateway.admin.v1 import admin_pb2 as apb
+from llm_gateway.admin.v1 import admin_pb2_grpc as apb_grpc
 from llm_gateway.v1 import llm_gateway_pb2 as pb
 from llm_gateway.v1 import llm_gateway_pb2_grpc as pb_grpc
 from llm_gateway_server.config import LedgerSettings, StoreSettings
 from llm_gateway_server.estimates import estimate_tokens
-from llm_gateway_server.interceptors.auth import AuthInterceptor, hash_key
-from llm_gateway_server.interceptors.base import InterceptorChain
-from llm_gateway_server.interceptors.ledger import LedgerInterceptor
+from llm_gateway_server.interceptors.auth import hash_key
 from llm_gateway_server.store.base import ScopeKind, Store
 from llm_gateway_server.store.models import usage_records
 from llm_gateway_server.store.sql import SqlStore, open_store, resolve_database_url
@@ -397,64 +396,50 @@ def bearer(key: str) -> tuple[tuple[str, str], ...]:
 
 @dataclass
 class LedgerGateway:
-    """A gateway whose chain has the ledger layer right after auth, and its writer and store."""
+    """A running gateway (the application wires the ledger right after auth), its ledger writer,
+    and its database, read through a store of the test's own."""
 
     gateway: Gateway
     writer: LedgerWriter
-    store: CountingStore
+    database_url: str
 
     async def stop(self) -> None:
-        """Stops serving (every call finishes), then drains the writer."""
+        """Stops serving (every call finishes), which drains the ledger and closes its store."""
         await self.gateway.channel.close()
         await self.gateway.running.stop()
-        await self.writer.aclose()
+
+    async def read(self) -> tuple[UsageRow, list[dict[str, Any]]]:
+        """The ledger's totals and every row in insert order, read from the database."""
+        reader = await open_store(resolve_database_url(self.database_url, Path("/nonexistent")), STORE, migrate=False)
+        try:
+            async with reader.engine.connect() as conn:
+                result = await conn.execute(select(usage_records).order_by(usage_records.c.id))
+                rows = [dict(row) for row in result.mappings()]
+            return await totals(reader), rows
+        finally:
+            await reader.aclose()
+
+    def metric(self, name: str, **labels: str) -> float:
+        metrics = self.gateway.running.metrics
+        assert metrics is not None
+        return sample(metrics, name, **labels)
 
 
 LedgerGatewayFactory = Callable[..., Awaitable[LedgerGateway]]
 
 
 @pytest.fixture
-async def ledger_gateway(
-    make_gateway: GatewayFactory, openai_upstream: OpenAIEmulator, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> AsyncIterator[LedgerGatewayFactory]:
+async def ledger_gateway(make_gateway: GatewayFactory, openai_upstream: OpenAIEmulator) -> LedgerGatewayFactory:
     """Factory: `await ledger_gateway(database_url, **settings)`: a gateway on the OpenAI emulator
-    (GATEWAY_SETTINGS, then `settings`) recording to a store on `database_url`.
-
-    The composition root builds the chain; this puts `LedgerInterceptor` in it right after
-    auth, where the application places it."""
-    opened: list[LedgerGateway] = []
-    original = app_module.build_application
+    (GATEWAY_SETTINGS, then `settings`) whose control plane uses the database at `database_url`."""
 
     async def make(database_url: str, **overrides: Any) -> LedgerGateway:
-        inner = await open_store(resolve_database_url(database_url, tmp_path), STORE)
-        store = CountingStore(inner)
-        writers: list[LedgerWriter] = []
-
-        def build(settings: Any, environ: Any) -> app_module.Application:
-            application = original(settings, environ)
-            chain = application.interceptors[0]
-            assert isinstance(chain, InterceptorChain)
-            layers = list(chain.layers)
-            after = next((i + 1 for i, layer in enumerate(layers) if isinstance(layer, AuthInterceptor)), 1)
-            writer = LedgerWriter(store, settings.ledger, application.metrics)
-            writer.start()
-            writers.append(writer)
-            layers.insert(after, LedgerInterceptor(writer))
-            application.interceptors = [InterceptorChain(layers)]
-            return application
-
-        monkeypatch.setattr(app_module, "build_application", build)
         env = {"OPENAI_API_KEY": OPENAI_TEST_KEY, "OPENAI_BASE_URL": openai_upstream.base_url}
-        gateway = await make_gateway(env, metrics_port=free_port(), **{**GATEWAY_SETTINGS, **overrides})
-        monkeypatch.setattr(app_module, "build_application", original)
-        started = LedgerGateway(gateway, writers[0], store)
-        opened.append(started)
-        return started
+        settings = {**GATEWAY_SETTINGS, "database_url": database_url, "metrics_port": free_port(), **overrides}
+        gateway = await make_gateway(env, **settings)
+        return LedgerGateway(gateway, gateway.running.application.control.ledger, database_url)
 
-    yield make
-    for started in opened:
-        await started.stop()
-        await started.store.aclose()
+    return make
 
 
 @dataclass
@@ -559,13 +544,6 @@ async def run_calls(stub: pb_grpc.LLMGatewayServiceStub, tag: str, expected: Exp
 CALLS_PER_ROUND = 14
 
 
-async def ledger_rows(store: CountingStore) -> list[dict[str, Any]]:
-    """Every ledger row, in insert order."""
-    async with store.inner.engine.connect() as conn:
-        result = await conn.execute(select(usage_records).order_by(usage_records.c.id))
-        return [dict(row) for row in result.mappings()]
-
-
 async def test_ledger_completeness(ledger_gateway: LedgerGatewayFactory, database_url: str) -> None:
     started = datetime.now(UTC)
     served = await ledger_gateway(database_url)
@@ -575,12 +553,15 @@ async def test_ledger_completeness(ledger_gateway: LedgerGatewayFactory, databas
     assert expected.codes.count("RESOURCE_EXHAUSTED") >= 2 and expected.cache_hits == 3
     # shown in QueryUsage within a few seconds (flushed every 0.2 s here; every second by default)
     await eventually(lambda: served.writer.written == CALLS_PER_ROUND, timeout_s=5)
-    expected.matches(await totals(served.store))
+    expected.matches((await served.read())[0])
+    spent = served.metric("llm_gateway_spend_usd_total", key="a1", team="") + served.metric(
+        "llm_gateway_spend_usd_total", key="r1", team=""
+    )
+    assert spent == pytest.approx(expected.cost_nano_usd / 1e9)  # per-key spend: every call's cost
     await served.stop()
     assert served.writer.written == CALLS_PER_ROUND and served.writer.dropped == 0
-    expected.matches(await totals(served.store))
-
-    rows = await ledger_rows(served.store)
+    total, rows = await served.read()
+    expected.matches(total)
     assert [row["status_code"] for row in rows] == expected.codes
     first, hit, stream, stream_hit, _, _, user_row, fail, fail_stream, invalid, missing = rows[:11]
     assert {row["key_id"] for row in rows} == {"a1", "r1"}
@@ -608,13 +589,6 @@ async def test_ledger_completeness(ledger_gateway: LedgerGatewayFactory, databas
     assert missing["status_code"] == "NOT_FOUND"
     limited = [row for row in rows if row["reason"] == "RATE_LIMIT_EXCEEDED"]
     assert len(limited) >= 2 and all(row["key_id"] == "r1" and row["cost_nano_usd"] == 0 for row in limited)
-    # per-key spend metric: every call's cost, by key and team
-    metrics = served.gateway.running.metrics
-    assert metrics is not None
-    spent = sample(metrics, "llm_gateway_spend_usd_total", key="a1", team="") + sample(
-        metrics, "llm_gateway_spend_usd_total", key="r1", team=""
-    )
-    assert spent == pytest.approx(expected.cost_nano_usd / 1e9)
 
 
 async def test_ledger_completeness_with_postgres_down_for_5_s(
@@ -630,15 +604,15 @@ async def test_ledger_completeness_with_postgres_down_for_5_s(
         await run_calls(served.gateway.stub, f"down {rounds}", expected)
         rounds += 1
         await asyncio.sleep(0.5)
-    assert served.writer.buffered > 0 and served.store.failures > 0
+    assert served.writer.buffered > 0 and served.metric("llm_gateway_ledger_flush_failures_total") > 0
     await asyncio.to_thread(throwaway_postgres.start)
     await run_calls(served.gateway.stub, "after", expected)
     assert expected.requests == CALLS_PER_ROUND * (rounds + 2)
     await eventually(lambda: served.writer.written == expected.requests, timeout_s=10)
-    expected.matches(await totals(served.store))
     await served.stop()
     assert served.writer.dropped == 0
-    rows = await ledger_rows(served.store)
+    total, rows = await served.read()
+    expected.matches(total)
     assert [row["status_code"] for row in rows] == expected.codes  # in call order
     assert len({row["request_id"] for row in rows}) == len(rows)
 
@@ -654,7 +628,7 @@ async def test_a_stream_cut_after_content_records_what_was_spent(
             deltas.append(message.delta.text)
     assert failed.value.code() is grpc.StatusCode.UNAVAILABLE and deltas
     await served.stop()
-    (row,) = await ledger_rows(served.store)
+    _, (row,) = await served.read()
     assert (row["status_code"], row["reason"], row["method"]) == ("UNAVAILABLE", "PROVIDER_UNAVAILABLE", "ChatStream")
     # the router's estimate of what the provider was paid for: the input and the output so far
     assert row["output_tokens"] == estimate_tokens(len("".join(deltas))) > 0
@@ -679,7 +653,7 @@ async def test_cancelled_and_timed_out_calls_are_recorded(
     call.cancel()
     await eventually(lambda: served.writer.buffered + served.writer.written == 2)
     await served.stop()
-    timed_out, cancelled = await ledger_rows(served.store)
+    _, (timed_out, cancelled) = await served.read()
     assert (timed_out["method"], timed_out["status_code"], timed_out["deployment"]) == (
         "Chat",
         "DEADLINE_EXCEEDED",
@@ -695,6 +669,39 @@ async def test_anonymous_calls_are_recorded_with_no_key(ledger_gateway: LedgerGa
     served = await ledger_gateway(sqlite_url, auth={"keys": []})  # loopback-only mode: no keys
     response = await served.gateway.stub.Chat(chat("gpt-4o-mini", "anonymous"))
     await served.stop()
-    (row,) = await ledger_rows(served.store)
+    _, (row,) = await served.read()
     assert (row["key_id"], row["team_id"], row["status_code"]) == ("", "", "OK")
     assert row["cost_nano_usd"] == usd_to_nano(response.cost.total_usd) > 0
+
+
+ADMIN_KEY = "gw-ledger-admin-0123456789"
+
+
+async def test_a_team_key_s_calls_are_its_team_s_spend(ledger_gateway: LedgerGatewayFactory, sqlite_url: str) -> None:
+    # a minute between flushes: GetSpend must add what is not written yet
+    served = await ledger_gateway(
+        sqlite_url, auth={"keys": []}, admin_key=ADMIN_KEY, ledger={"flush_interval_s": 60}, cache={"enabled": False}
+    )
+    admin = apb_grpc.AdminServiceStub(served.gateway.channel)
+    as_admin = bearer(ADMIN_KEY)
+    await admin.CreateTeam(
+        apb.CreateTeamRequest(team=apb.Team(display_name="Ledger"), team_id="ledger"), metadata=as_admin
+    )
+    created = await admin.CreateKey(
+        apb.CreateKeyRequest(key=apb.Key(display_name="ledger key", team="teams/ledger"), key_id="lk"),
+        metadata=as_admin,
+    )
+    answers = [
+        await served.gateway.stub.Chat(chat("gpt-4o-mini", f"team {i}"), metadata=bearer(created.secret))
+        for i in range(3)
+    ]
+    cost = sum(usd_to_nano(a.cost.total_usd) for a in answers)
+    assert cost > 0 and served.writer.written == 0
+    for name in ("keys/lk", "teams/ledger"):
+        spend = await admin.GetSpend(apb.GetSpendRequest(name=name), metadata=as_admin)
+        assert usd_to_nano(spend.spend_usd) == cost
+    assert served.metric("llm_gateway_spend_usd_total", key="lk", team="ledger") == pytest.approx(cost / 1e9)
+    await served.stop()
+    total, rows = await served.read()
+    assert [(row["key_id"], row["team_id"]) for row in rows] == [("lk", "ledger")] * 3
+    assert total.cost_nano_usd == cost

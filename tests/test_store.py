@@ -213,6 +213,16 @@ def test_fast_path_skips_alembic(tmp_path: Path, migrated_sqlite_template: Path)
     assert done.stdout.split() == [HEAD_REVISION, "False"]
 
 
+async def test_database_of_a_newer_gateway_is_refused(tmp_path: Path, migrated_sqlite_template: Path) -> None:
+    path = tmp_path / "gateway.db"
+    copy_sqlite_template(migrated_sqlite_template, tmp_path)
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE alembic_version SET version_num = '9999'")
+    conn.close()
+    with pytest.raises(StoreError, match="newer gateway"):
+        await open_store(resolve_database_url(f"sqlite:///{path}", tmp_path), SETTINGS)
+
+
 def test_db_upgrade_command(tmp_path: Path) -> None:
     """`llm-gateway db upgrade` (in a subprocess: it configures logging for the process)."""
 
@@ -441,6 +451,7 @@ async def test_list_keys_pagination_and_filters(store: SqlStore) -> None:
     assert await all_pages(None, False) == [["key-01", "key-02"], ["key-04", "key-05"], ["key-06"]]
     assert await all_pages("team-a", True) == [["key-01", "key-03"], ["key-05"]]
     assert await all_pages("team-a", False) == [["key-01", "key-05"]]
+    assert await all_pages("", True) == [["key-02", "key-04"], ["key-06"]]  # no team
     assert await store.count_keys() == 5
 
 

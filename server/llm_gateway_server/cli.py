@@ -127,6 +127,29 @@ def _db_upgrade(config: Path | None) -> int:
     return 0
 
 
+def _per_process_quotas(settings: Settings) -> str | None:
+    """Why `--workers` > 1 must not start: rate limits or budgets are configured (in the settings
+    or on keys and teams in the database) and there is no Redis, so each worker would count them
+    alone (every limit multiplied by the number of workers). None: it may start."""
+    if settings.redis_url:
+        return None
+    if app.has_configured_quotas(settings):
+        where = "in the settings"
+    else:
+        try:
+            stored = asyncio.run(app.stored_quotas(settings))
+        except Exception as exc:  # noqa: BLE001 - the workers report a database problem themselves
+            print(f"llm-gateway: could not check the database for limits and budgets: {exc}", file=sys.stderr)
+            return None
+        if not stored:
+            return None
+        where = f"on {stored} in the database"
+    return (
+        f"rate limits or budgets are set {where} and there is no Redis (redis_url / REDIS_URL): with --workers "
+        "> 1 each worker would count them alone; configure Redis or run one worker"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `llm-gateway` console script; returns the process exit status (module
     docstring)."""
@@ -158,6 +181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if problem is not None:
             return _fail(_cannot_bind(settings.metrics_host, settings.metrics_port, problem, _METRICS_SETTINGS), None)
     if args.workers > 1:
+        refusal = _per_process_quotas(settings)
+        if refusal is not None:
+            return _fail(refusal, None)
         try:
             return run_workers(args.workers, argv if argv is not None else sys.argv[1:], settings)
         except MetricsBindError as exc:

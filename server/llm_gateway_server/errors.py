@@ -68,6 +68,7 @@ class Reason(enum.StrEnum):
     KEY_READ_ONLY = "KEY_READ_ONLY"
     TEAM_NOT_EMPTY = "TEAM_NOT_EMPTY"
     STORE_UNAVAILABLE = "STORE_UNAVAILABLE"
+    QUOTA_NEEDS_SHARED_STATE = "QUOTA_NEEDS_SHARED_STATE"
     KEY_REVOKED = "KEY_REVOKED"
 
     @property
@@ -112,6 +113,7 @@ _CODES: Mapping[Reason, grpc.StatusCode] = {
     Reason.KEY_READ_ONLY: grpc.StatusCode.FAILED_PRECONDITION,
     Reason.TEAM_NOT_EMPTY: grpc.StatusCode.FAILED_PRECONDITION,
     Reason.STORE_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    Reason.QUOTA_NEEDS_SHARED_STATE: grpc.StatusCode.FAILED_PRECONDITION,
     Reason.KEY_REVOKED: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
@@ -541,6 +543,17 @@ def team_not_empty(name: str, keys: int) -> GatewayError:
         Reason.TEAM_NOT_EMPTY,
         f"{name} still has {keys} key(s); revoke them or move them to another team first",
         metadata={"name": name, "keys": str(keys)},
+    )
+
+
+def quota_needs_shared_state() -> GatewayError:
+    """FAILED_PRECONDITION / QUOTA_NEEDS_SHARED_STATE: an admin change would set rate limits or a
+    budget that this gateway cannot enforce exactly (`serve --workers` > 1 without Redis: each
+    worker would count alone, multiplying every limit by the number of workers)."""
+    return GatewayError(
+        Reason.QUOTA_NEEDS_SHARED_STATE,
+        "rate limits and budgets need Redis (redis_url) when the gateway runs several workers: "
+        "each worker would count alone",
     )
 
 

@@ -152,6 +152,9 @@ class AdminServicer(apb_grpc.AdminServiceServicer):  # type: ignore[misc]  # gen
         on_change: awaited after every change (see the module docstring); default: nothing.
         pending_spend: this replica's spend not yet in the ledger, for GetSpend; default: 0.
         clock: the current UTC time (budget periods, expiry checks, revoke and grace times).
+        quota_guard: when set, the error that refuses any change leaving a key or team with
+            rate limits or a budget (the gateway cannot enforce them exactly: `--workers` > 1
+            without Redis); None: allowed.
     """
 
     def __init__(
@@ -162,6 +165,7 @@ class AdminServicer(apb_grpc.AdminServiceServicer):  # type: ignore[misc]  # gen
         on_change: OnChange | None = None,
         pending_spend: PendingSpend | None = None,
         clock: Clock | None = None,
+        quota_guard: GatewayError | None = None,
     ) -> None:
         self._store = store
         self._configured = {k.id: dataclasses.replace(k, configured=True) for k in configured_keys}
@@ -170,6 +174,16 @@ class AdminServicer(apb_grpc.AdminServiceServicer):  # type: ignore[misc]  # gen
         self._on_change = on_change or _nothing_changed
         self._pending = pending_spend or _no_pending
         self._clock = clock or _utcnow
+        self._quota_guard = quota_guard
+
+    def _guard(self, record: KeyRecord | TeamRecord) -> None:
+        """Raises the quota guard's error when `record` has limits or a budget."""
+        limits = record.limits
+        has_quota = record.budget is not None or any(
+            v is not None for v in (limits.rpm, limits.tpm, limits.max_concurrent_streams)
+        )
+        if has_quota and self._quota_guard is not None:
+            raise self._quota_guard
 
     # --- shared steps ----------------------------------------------------------------------------
 
@@ -217,6 +231,7 @@ class AdminServicer(apb_grpc.AdminServiceServicer):  # type: ignore[misc]  # gen
             raise resource_already_exists(holder.name, "display_name", val.clip(display_name))
 
     async def _update_key(self, record: KeyRecord) -> KeyRecord:
+        self._guard(record)
         try:
             return await self._store.update_key(record)
         except NotFoundError:
@@ -275,6 +290,7 @@ class AdminServicer(apb_grpc.AdminServiceServicer):  # type: ignore[misc]  # gen
                 expire_time=expire_time,
                 disabled=key.disabled,
             )
+            self._guard(record)
             try:
                 stored = await self._store.create_key(record)
                 break
@@ -427,6 +443,7 @@ class AdminServicer(apb_grpc.AdminServiceServicer):  # type: ignore[misc]  # gen
         stored: TeamRecord | None = None
         for _ in range(1 if request.team_id else _ID_ATTEMPTS):
             record = convert.team_in(request.team_id or new_resource_id(), team)
+            self._guard(record)
             try:
                 stored = await self._store.create_team(record)
                 break
@@ -483,8 +500,10 @@ class AdminServicer(apb_grpc.AdminServiceServicer):  # type: ignore[misc]  # gen
         _raise_if(v)
 
         record = await self._team(team_id)
+        changed = convert.team_with_mask(record, team, paths)
+        self._guard(changed)
         try:
-            updated = await self._store.update_team(convert.team_with_mask(record, team, paths))
+            updated = await self._store.update_team(changed)
         except NotFoundError:
             raise resource_not_found(record.name) from None
         except AlreadyExistsError as error:

@@ -226,7 +226,8 @@ def _query_str(query: Mapping[str, str | tuple[str, ...]], name: str) -> str | N
 def _create_engine(
     url: URL, settings: StoreSettings, *, pooled: bool, busy_timeout_s: float | None = None
 ) -> AsyncEngine:
-    """An async engine for a resolved URL (see the module docstring for what is set).
+    """An async engine for a resolved URL (see the module docstring for what is set). SQL
+    parameters (digests, end-user ids) never appear in SQLAlchemy's logs or error messages.
 
     Args:
         pooled: a connection pool (the store) or NullPool (one-off connections: migrations).
@@ -239,7 +240,7 @@ def _create_engine(
         kwargs.update(pool_size=settings.pool_size, max_overflow=0, pool_timeout=settings.timeout_s)
     if url.get_backend_name() == "sqlite":
         busy = settings.timeout_s if busy_timeout_s is None else busy_timeout_s
-        engine = create_async_engine(url, connect_args={"timeout": busy}, **kwargs)
+        engine = create_async_engine(url, connect_args={"timeout": busy}, hide_parameters=True, **kwargs)
         _configure_sqlite(engine, busy)
         return engine
     query = dict(url.query)
@@ -254,7 +255,7 @@ def _create_engine(
     if sslmode:
         connect_args["ssl"] = sslmode
     url = url.difference_update_query(["options", "application_name", "connect_timeout", "sslmode"])
-    return create_async_engine(url, connect_args=connect_args, pool_pre_ping=pooled, **kwargs)
+    return create_async_engine(url, connect_args=connect_args, pool_pre_ping=pooled, hide_parameters=True, **kwargs)
 
 
 def _configure_sqlite(engine: AsyncEngine, busy_timeout_s: float) -> None:
@@ -916,12 +917,15 @@ class SqlStore(Store):
         return await self._bounded("find_key", operation)
 
     async def list_keys(self, team_id: str | None, after_id: str, limit: int, include_revoked: bool) -> list[KeyRecord]:
-        """Up to `limit` keys with id > `after_id` (of `team_id` when given), by id.
+        """Up to `limit` keys with id > `after_id`, by id: of team `team_id` when given ("": the
+        keys without a team), revoked ones only with `include_revoked`.
         Raises StoreUnavailableError."""
 
         async def operation() -> list[KeyRecord]:
             stmt = select(api_keys).where(api_keys.c.id > after_id)
-            if team_id is not None:
+            if team_id == "":
+                stmt = stmt.where(api_keys.c.team_id.is_(None))
+            elif team_id is not None:
                 stmt = stmt.where(api_keys.c.team_id == team_id)
             if not include_revoked:
                 stmt = stmt.where(api_keys.c.revoke_time.is_(None))

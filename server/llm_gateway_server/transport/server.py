@@ -9,7 +9,7 @@ health status becomes NOT_SERVING, the server stops accepting calls and gives in
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -79,8 +79,13 @@ class GrpcServer:
         await self.server.stop(self.grace_period_s)
 
 
+ServiceAdder = Callable[[grpc.aio.Server], None]
+"""Registers one more service on a server (e.g. `admin.servicer.add_admin_service` bound to its
+servicer)."""
+
+
 async def start_grpc(
-    servicer: pb_grpc.LLMGatewayServiceServicer,
+    servicer: pb_grpc.LLMGatewayServiceServicer | None,
     interceptors: Sequence[grpc.aio.ServerInterceptor],
     *,
     host: str,
@@ -92,10 +97,15 @@ async def start_grpc(
     credentials: grpc.ServerCredentials | None = None,
     connections: ConnectionPolicy | None = None,
     reflection_on: bool = True,
+    services: Sequence[tuple[str, ServiceAdder]] = (),
 ) -> GrpcServer:
     """Serves `servicer` behind `interceptors` (outermost first) with health and reflection.
 
     Args:
+        servicer: the gateway service (None: a server of `services` only, e.g. the admin API on
+            its own port).
+        services: more services, as (full service name, adder): health reports each SERVING
+            and reflection lists it.
         host / port: bind address (port 0 picks a free port).
         max_message_bytes: largest request and response message, bytes.
         reuse_port: SO_REUSEPORT (only for `--workers`: a second gateway on a busy port must fail).
@@ -115,11 +125,16 @@ async def start_grpc(
         *(connections or ConnectionPolicy()).options(),
     ]
     server = grpc.aio.server(options=options, interceptors=list(interceptors))
-    add_gateway_service(servicer, server)
+    names = [SERVICE_NAME] if servicer is not None else []
+    if servicer is not None:
+        add_gateway_service(servicer, server)
+    for name, add in services:
+        add(server)
+        names.append(name)
     health_servicer = GatewayHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if reflection_on:
-        enable_reflection(server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
+        enable_reflection(server, (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
     address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
     try:
         bound = (
@@ -130,6 +145,6 @@ async def start_grpc(
     if bound == 0:
         raise BindError(f"cannot bind {address}")
     await server.start()
-    for name in ("", SERVICE_NAME, *health_names):
+    for name in ("", *names, *health_names):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return GrpcServer(server, health_servicer, bound, grace_period_s)
