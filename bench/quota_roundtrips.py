@@ -1,19 +1,21 @@
 """`python bench/quota_roundtrips.py --before <tree> [--after <tree>]`: gateway CPU per call with
 rate limits and budgets, on Redis beside the in-memory backend, for two source trees.
 
-For each tree and backend a gateway process (uvloop, `gc.freeze()`, metrics off, cache off) serves
-one API key with rpm, tpm and concurrent-stream limits and a daily budget, calling a priced model
-on `bench/upstream.py`; one Redis server (`redis-server` on a free port) serves every Redis
-gateway. A tree that has `interceptors/quota.py` but whose composition root does not yet build a
-`QuotaInterceptor` gets its chain assembled here the way `app.py` will: auth → a layer that puts
-the key's `Tenant` (key and, with `--team`, its team, each with limits and a budget) on the call
-record → validation → `QuotaInterceptor` with the catalog's `CostEstimator`. Trees without
-quotas (before the change) run their own chain: rate limits only, as they had.
+For each tree and backend a gateway process (`app.start_server` of that tree under uvloop,
+`gc.freeze()`, metrics off, cache off) serves one API key with rpm, tpm and concurrent-stream
+limits and a daily budget (configured in YAML), calling a priced model on `bench/upstream.py`; one
+`redis-server` on a free port serves every Redis gateway. With `--team`, the key is created
+through the admin API in a team that has limits and a budget of its own (two scopes per call;
+trees with the admin API only). A tree before the quota change enforces the key's rate limits
+only (its limiter has no budgets): acquire + reconcile per call, plus open/close of the stream
+slot per stream (four Redis round trips).
 
 Calls are sequential (concurrency 1) over one channel; each gateway's CPU comes from its own
 accounting (/proc/<pid>/stat utime + stime), so the client's and Redis's CPU are not in it
 (Redis's is reported beside). Rounds alternate between the gateways; the table has the median
-per round. Unary Chat and ChatStream (5 chunks) are measured apart.
+per round. Unary Chat and ChatStream (5 chunks) are measured apart. Absolute figures of two trees
+also differ by what else changed between them (auth through the key cache, the usage ledger);
+the Redis − memory difference within a tree is the figure this compares.
 """
 
 from __future__ import annotations
@@ -55,11 +57,17 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def _config(redis_url: str | None) -> dict[str, Any]:
+LIMITS = {"rpm": 100_000_000, "tpm": 1_000_000_000, "max_concurrent_streams": 1000}
+ADMIN_KEY = "bench-admin-credential-0123456789"
+
+
+def _config(redis_url: str | None, database: Path) -> dict[str, Any]:
     import hashlib  # noqa: PLC0415
 
-    limits = {"rpm": 100_000_000, "tpm": 1_000_000_000, "max_concurrent_streams": 1000}
+    limits = LIMITS
     return {
+        "database_url": f"sqlite:///{database}",
+        "admin_key": ADMIN_KEY,
         "port": 0,
         "metrics_port": 0,
         "log_level": "warning",
@@ -89,99 +97,27 @@ def _config(redis_url: str | None) -> dict[str, Any]:
 # --- the gateway process ----------------------------------------------------------------------
 
 
-def _quota_chain(application: Any, settings: Any, team: bool) -> tuple[Any, str]:
-    """The chain `app.py` builds once it wires quotas (see module docstring), and its name."""
-    from llm_gateway_server.interceptors import quota  # noqa: PLC0415
-    from llm_gateway_server.interceptors.base import GatewayInterceptor, InterceptorChain  # noqa: PLC0415
-    from llm_gateway_server.routing.pricing import CostEstimator  # noqa: PLC0415
-    from llm_gateway_server.routing.resolver import Resolver  # noqa: PLC0415
-    from llm_gateway_server.tenancy.records import (  # noqa: PLC0415
-        Budget,
-        BudgetPeriod,
-        KeyRecord,
-        Limits,
-        TeamRecord,
-        Tenant,
-        usd_to_nano,
-    )
-    from llm_gateway_server.transport.call_record import current_call  # noqa: PLC0415
-
-    chain = application.interceptors[0]
-    layers = list(chain.layers)
-    if any(type(layer) is quota.QuotaInterceptor for layer in layers):
-        return chain, "app.py's chain (QuotaInterceptor)"
-    at = next(i for i, layer in enumerate(layers) if isinstance(layer, quota.QuotaInterceptor))
-    key = settings.auth.keys[0]
-    budget = Budget(usd_to_nano(key.budget.limit_usd), BudgetPeriod(key.budget.period))
-    limits = Limits(key.rpm, key.tpm, key.max_concurrent_streams)
-    group = TeamRecord("bench-team", "bench team", limits=limits, budget=budget) if team else None
-    record = KeyRecord(key.id, key.id, key.key_sha256, team_id=group.id if group else "", limits=limits, budget=budget)
-    tenants = {key.id: Tenant(record, group)}
-
-    class Tenants(GatewayInterceptor):
-        """Puts the authenticated key's Tenant on the call record (the key cache's part)."""
-
-        def _note(self) -> None:
-            call = current_call.get()
-            if call is not None:
-                call.tenant = tenants.get(call.key_id)
-
-        async def unary(self, inner: Any, request: Any, context: Any, method: str) -> Any:
-            self._note()
-            return await inner(request, context)
-
-        async def stream(self, inner: Any, request: Any, context: Any, method: str) -> Any:
-            self._note()
-            async for item in inner(request, context):
-                yield item
-
-    estimate = CostEstimator(Resolver(application.catalog, application.registry, settings.aliases))
-    interceptor = quota.QuotaInterceptor(
-        layers[at]._backend,
-        settings.rate_limits,
-        settings.budgets,
-        estimate,
-        application.metrics,
-        settings.default_deadline_s + settings.grace_period_s,
-    )
-    auth = next(i for i, layer in enumerate(layers) if type(layer).__name__ == "AuthInterceptor")
-    layers[at] = interceptor
-    layers.insert(auth + 1, Tenants())
-    scopes = "key + team" if team else "key"
-    return InterceptorChain(layers), f"QuotaInterceptor assembled here ({scopes}: limits and budgets)"
+def _mode(application: Any) -> str:
+    """Which quota layer the tree's chain has."""
+    layers = [type(layer).__name__ for layer in application.interceptors[0].layers]
+    if "QuotaInterceptor" in layers:
+        return "QuotaInterceptor (limits + budgets, 1 script before, 1 after)"
+    return "RateLimitInterceptor (limits only)"
 
 
-async def _serve(config: Path, upstream: str, team: bool) -> None:
-    from llm_gateway_server.app import build_application  # noqa: PLC0415
+async def _serve(config: dict[str, Any], upstream: str, ready: Path) -> None:
+    from llm_gateway_server.app import start_server  # noqa: PLC0415
     from llm_gateway_server.config import load_settings  # noqa: PLC0415
-    from llm_gateway_server.transport.server import start_grpc  # noqa: PLC0415
 
     environ = {"OPENAI_BASE_URL": upstream, "OPENAI_API_KEY": "k"}
-    settings = load_settings(environ=environ, overrides=yaml.safe_load(config.read_text()))
-    application = build_application(settings, environ)
-    chain, mode = application.interceptors[0], "the tree's own chain (rate limits only)"
-    try:
-        from llm_gateway_server.interceptors import quota  # noqa: F401, PLC0415
-    except ImportError:
-        pass
-    else:
-        chain, mode = _quota_chain(application, settings, team)
-    server = await start_grpc(
-        application.servicer,
-        [chain],
-        host="127.0.0.1",
-        port=0,
-        max_message_bytes=settings.max_message_bytes,
-        reuse_port=False,
-        grace_period_s=0.5,
-    )
+    settings = load_settings(environ=environ, overrides=config)
+    running = await start_server(settings, environ)
     gc.freeze()
-    print(f"PORT {server.port} MODE {mode}", flush=True)
+    ready.write_text(f"{running.port} {_mode(running.application)}")  # noqa: ASYNC240 - once, at start
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()
-    await server.stop()
-    await application.aclose()
+    await running.stop()
 
 
 # --- the driver -------------------------------------------------------------------------------
@@ -194,33 +130,57 @@ class Gateway:
     process: subprocess.Popen[str]
     port: int
     mode: str
+    secret: str = API_KEY
     unary_ms: list[float] = field(default_factory=list)
     stream_ms: list[float] = field(default_factory=list)
     redis_unary_ms: list[float] = field(default_factory=list)
     redis_stream_ms: list[float] = field(default_factory=list)
 
 
-def _start(tree: Path, label: str, backend: str, redis_url: str, upstream: str, work: Path, team: bool) -> Gateway:
+def _start(tree: Path, label: str, backend: str, redis_url: str, upstream: str, work: Path) -> Gateway:
     config = work / f"{label}-{backend}.yaml"
-    config.write_text(yaml.safe_dump(_config(redis_url if backend == "redis" else None)))
+    database = work / f"{label}-{backend}.db"
+    config.write_text(yaml.safe_dump(_config(redis_url if backend == "redis" else None, database)))
     env = {
         **os.environ,
         "PYTHONPATH": f"{tree / 'server'}:{tree / 'clients/python/src'}",
         "PYTHONHASHSEED": "0",
     }
+    ready, log = work / f"{label}-{backend}.ready", work / f"{label}-{backend}.log"
     command = [sys.executable, str(Path(__file__).resolve()), "serve", "--config", str(config), "--upstream", upstream]
-    if team:
-        command.append("--team")
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True, cwd=work)
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    while line and not line.startswith("PORT "):  # start-up logs come first
-        line = process.stdout.readline()
-    if not line:
-        process.kill()
-        raise SystemExit(f"{label}/{backend}: the gateway did not start")
-    _, port, _, mode = line.strip().split(" ", 3)
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [*command, "--ready", str(ready)], env=env, stdout=out, stderr=subprocess.STDOUT, text=True, cwd=work
+        )
+    deadline = time.monotonic() + 60
+    while not ready.exists() or not ready.read_text():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise SystemExit(f"{label}/{backend}: the gateway did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.05)
+    port, mode = ready.read_text().split(" ", 1)
     return Gateway(label, backend, process, int(port), mode)
+
+
+async def _team_key(gateway: Gateway) -> None:
+    """Creates a team (limits, budget) and a key in it (limits, budget) through the admin API and
+    makes the gateway's calls use that key."""
+    import grpc  # noqa: PLC0415
+
+    from llm_gateway.admin.v1 import admin_pb2 as apb  # noqa: PLC0415
+    from llm_gateway.admin.v1 import admin_pb2_grpc as apb_grpc  # noqa: PLC0415
+
+    admin = (("authorization", f"Bearer {ADMIN_KEY}"),)
+    limits = apb.Limits(**LIMITS)
+    budget = apb.Budget(limit_usd=1_000_000.0, period=apb.BUDGET_PERIOD_DAILY)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        stub = apb_grpc.AdminServiceStub(channel)
+        team = apb.Team(display_name="bench team", limits=limits, budget=budget)
+        await stub.CreateTeam(apb.CreateTeamRequest(team=team, team_id="bench-team"), metadata=admin)
+        key = apb.Key(display_name="bench team key", team="teams/bench-team", limits=limits, budget=budget)
+        created = await stub.CreateKey(apb.CreateKeyRequest(key=key, key_id="bench-team-key"), metadata=admin)
+    gateway.secret = created.secret
+    gateway.mode += ", key + team"
 
 
 async def _measure(gateway: Gateway, redis_pid: int, calls: int, streams: int) -> None:
@@ -229,7 +189,7 @@ async def _measure(gateway: Gateway, redis_pid: int, calls: int, streams: int) -
     from llm_gateway.v1 import llm_gateway_pb2 as pb  # noqa: PLC0415
     from llm_gateway.v1 import llm_gateway_pb2_grpc as pb_grpc  # noqa: PLC0415
 
-    metadata = (("authorization", f"Bearer {API_KEY}"),)
+    metadata = (("authorization", f"Bearer {gateway.secret}"),)
     generation = pb.GenerationOptions(max_output_tokens=64)
 
     def request(kind: type[Any], i: int) -> Any:
@@ -273,7 +233,7 @@ def _commit(tree: Path) -> str:
     return f"{head}{' + working tree' if dirty else ''}"
 
 
-async def _drive(args: argparse.Namespace) -> None:
+async def _drive(args: argparse.Namespace, trees: list[tuple[str, Path]]) -> None:
     binary = shutil.which("redis-server")
     if binary is None:
         raise SystemExit("redis-server is not installed")
@@ -286,8 +246,7 @@ async def _drive(args: argparse.Namespace) -> None:
         [sys.executable, str(ROOT / "bench" / "upstream.py"), "--port", str(upstream_port), "--chunks", "5"],
         stdout=subprocess.DEVNULL,
     )
-    time.sleep(0.5)
-    trees = [("before", Path(args.before).resolve()), ("after", Path(args.after).resolve())]
+    await asyncio.sleep(0.5)
     gateways: list[Gateway] = []
     with tempfile.TemporaryDirectory() as work:
         try:
@@ -301,9 +260,10 @@ async def _drive(args: argparse.Namespace) -> None:
                             f"redis://127.0.0.1:{redis_port}/0",
                             f"http://127.0.0.1:{upstream_port}/v1",
                             Path(work),
-                            args.team,
                         )
                     )
+                    if args.team and "QuotaInterceptor" in gateways[-1].mode:
+                        await _team_key(gateways[-1])
             for _ in range(args.rounds):
                 for gateway in gateways:
                     await _measure(gateway, redis.pid, args.calls, args.streams)
@@ -331,14 +291,15 @@ def _report(args: argparse.Namespace, trees: list[tuple[str, Path]], gateways: l
     print("|---|---|---|---|---|---|")
     for g in gateways:
         redis_cpu = f"{median(g.redis_unary_ms):.3f} / {median(g.redis_stream_ms):.3f}" if g.backend == "redis" else "–"
-        print(
-            f"| {g.tree} | {g.backend} | {g.mode} | {median(g.unary_ms):.3f} | {median(g.stream_ms):.3f} | {redis_cpu} |"
-        )
+        cpu = f"{median(g.unary_ms):.3f} | {median(g.stream_ms):.3f}"
+        print(f"| {g.tree} | {g.backend} | {g.mode} | {cpu} | {redis_cpu} |")
     print()
     print("| tree | Redis − memory, unary (ms) | Redis − memory, stream (ms) | per round, unary |")
     print("|---|---|---|---|")
     for label, _ in trees:
-        memory, on_redis = (next(g for g in gateways if g.tree == label and g.backend == b) for b in ("memory", "redis"))
+        memory, on_redis = (
+            next(g for g in gateways if g.tree == label and g.backend == b) for b in ("memory", "redis")
+        )
         rounds = ", ".join(f"{r - m:+.3f}" for m, r in zip(memory.unary_ms, on_redis.unary_ms, strict=True))
         print(
             f"| {label} | {median(on_redis.unary_ms) - median(memory.unary_ms):+.3f} | "
@@ -353,21 +314,23 @@ def main() -> None:
     serve = sub.add_parser("serve", help="internal: one gateway process")
     serve.add_argument("--config", type=Path, required=True)
     serve.add_argument("--upstream", required=True)
-    serve.add_argument("--team", action="store_true")
+    serve.add_argument("--ready", type=Path, required=True)
     parser.add_argument("--before", default=str(ROOT), help="the tree before the change")
     parser.add_argument("--after", default=str(ROOT), help="the tree after the change (default: this one)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--streams", type=int, default=300)
-    parser.add_argument("--team", action="store_true", help="the key belongs to a team with limits and a budget")
+    parser.add_argument(
+        "--team", action="store_true", help="the key is in a team with limits and a budget (trees with the admin API)"
+    )
     args = parser.parse_args()
     if args.command == "serve":
         import uvloop  # noqa: PLC0415
 
         uvloop.install()
-        asyncio.run(_serve(args.config, args.upstream, args.team))
+        asyncio.run(_serve(yaml.safe_load(args.config.read_text()), args.upstream, args.ready))
         return
-    asyncio.run(_drive(args))
+    asyncio.run(_drive(args, [("before", Path(args.before).resolve()), ("after", Path(args.after).resolve())]))
 
 
 if __name__ == "__main__":

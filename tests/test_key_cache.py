@@ -658,6 +658,20 @@ async def test_keys_exist(store: CountingStore, caches: list[KeyCache]) -> None:
     await eventually(none_left)
 
 
+async def test_keys_exist_while_an_invalidation_races_the_first_read(
+    store: CountingStore, caches: list[KeyCache]
+) -> None:
+    """Found through the server: key events subscribe right after start and invalidate
+    everything while `start`'s first count is in flight; that read's answer (no keys) must still
+    be the answer, not "unknown, so keys exist" (which refused every anonymous call)."""
+    cache = new_cache(caches, store)
+    await cache.start()
+    await asyncio.sleep(0)  # the first count is now reading
+    cache.invalidate(None)
+    assert not await cache.keys_exist()
+    assert not await cache.keys_exist()
+
+
 async def test_keys_exist_with_the_database_down(
     proxied_store: CountingStore, pg_proxy: TcpProxy, caches: list[KeyCache]
 ) -> None:

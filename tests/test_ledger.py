@@ -10,6 +10,11 @@ it is given and how each write ended.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -19,6 +24,7 @@ from typing import Any
 
 import grpc
 import pytest
+import yaml
 from sqlalchemy import select
 from structlog.testing import capture_logs
 
@@ -219,7 +225,7 @@ async def test_flushes_by_time(store: CountingStore) -> None:
         writer.submit(record(i))
     started = time.monotonic()
     await eventually(lambda: len(store.written_ids) == 3, timeout_s=2.0)
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 1.5
     assert store.batches == [["r00000", "r00001", "r00002"]]
     writer.submit(record(3))
     await eventually(lambda: len(store.written_ids) == 4, timeout_s=2.0)
@@ -304,7 +310,6 @@ async def test_retries_with_backoff_while_postgres_is_down_then_catches_up(
 
     with capture_logs() as logs:
         await asyncio.to_thread(throwaway_postgres.stop)
-        down_at = time.monotonic()
         for i in range(10, 60):  # calls go on for 5 s while the database is away
             writer.submit(record(i))
             await asyncio.sleep(0.1)
@@ -324,7 +329,7 @@ async def test_retries_with_backoff_while_postgres_is_down_then_catches_up(
     assert 1 <= len(failed) <= 2 and failed[0]["log_level"] == "warning"  # rate-limited, not one per retry
     assert "postgres" in failed[0]["error"].lower() or "127.0.0.1" in failed[0]["error"]
     recovered = [line for line in logs if line["event"] == "ledger_store_recovered"]
-    assert len(recovered) == 1 and recovered[0]["outage_s"] >= time.monotonic() - down_at - caught_up_s - 6
+    assert len(recovered) == 1 and recovered[0]["outage_s"] >= 4.0  # from the first failure to the write
     row = await totals(store)
     assert (row.requests, row.cost_nano_usd) == (60, 60_000)
     await writer.aclose()
@@ -394,6 +399,19 @@ def bearer(key: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {key}"),)
 
 
+async def read_ledger(database_url: str) -> tuple[UsageRow, list[dict[str, Any]]]:
+    """The ledger's totals and every row in insert order, read from the database with a store of
+    the test's own."""
+    reader = await open_store(resolve_database_url(database_url, Path("/nonexistent")), STORE, migrate=False)
+    try:
+        async with reader.engine.connect() as conn:
+            result = await conn.execute(select(usage_records).order_by(usage_records.c.id))
+            rows = [dict(row) for row in result.mappings()]
+        return await totals(reader), rows
+    finally:
+        await reader.aclose()
+
+
 @dataclass
 class LedgerGateway:
     """A running gateway (the application wires the ledger right after auth), its ledger writer,
@@ -409,15 +427,8 @@ class LedgerGateway:
         await self.gateway.running.stop()
 
     async def read(self) -> tuple[UsageRow, list[dict[str, Any]]]:
-        """The ledger's totals and every row in insert order, read from the database."""
-        reader = await open_store(resolve_database_url(self.database_url, Path("/nonexistent")), STORE, migrate=False)
-        try:
-            async with reader.engine.connect() as conn:
-                result = await conn.execute(select(usage_records).order_by(usage_records.c.id))
-                rows = [dict(row) for row in result.mappings()]
-            return await totals(reader), rows
-        finally:
-            await reader.aclose()
+        """The ledger's totals and rows (see `read_ledger`)."""
+        return await read_ledger(self.database_url)
 
     def metric(self, name: str, **labels: str) -> float:
         metrics = self.gateway.running.metrics
@@ -705,3 +716,49 @@ async def test_a_team_key_s_calls_are_its_team_s_spend(ledger_gateway: LedgerGat
     total, rows = await served.read()
     assert [(row["key_id"], row["team_id"]) for row in rows] == [("lk", "ledger")] * 3
     assert total.cost_nano_usd == cost
+
+
+async def test_sigterm_right_after_the_last_call_loses_no_record(
+    openai_upstream: OpenAIEmulator, database_url: str, tmp_path: Path
+) -> None:
+    """The real CLI: the ledger flushes only every minute, so at SIGTERM every record still
+    waits in memory; the drain writes them all before the process exits."""
+    config = tmp_path / "gateway.yaml"
+    settings = {**GATEWAY_SETTINGS, "database_url": database_url, "ledger": {"flush_interval_s": 60}}
+    config.write_text(yaml.safe_dump(settings))
+    port = free_port()
+    env = {
+        **os.environ,
+        "OPENAI_API_KEY": OPENAI_TEST_KEY,
+        "OPENAI_BASE_URL": openai_upstream.base_url,
+        "LLM_GATEWAY_METRICS_PORT": "0",
+        "LLM_GATEWAY_GRACE_PERIOD_S": "5",
+    }
+    log_path = tmp_path / "gateway.log"
+    with log_path.open("w") as log_file:
+        process = subprocess.Popen(  # noqa: ASYNC220 - the real process and its signal handling are the point
+            [sys.executable, "-m", "llm_gateway_server", "serve", "--port", str(port), "--config", str(config)],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        expected = Expected()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await asyncio.wait_for(channel.channel_ready(), 30)
+            stub = pb_grpc.LLMGatewayServiceStub(channel)
+            await run_calls(stub, "sigterm", expected)
+            last = await collect(stub.ChatStream(chat_stream("gpt-4o-mini", "the last one"), metadata=bearer(KEY_A)))
+            process.send_signal(signal.SIGTERM)  # at once: the last record is not even submitted yet, maybe
+            expected.answered(last[-1].final.usage, last[-1].final.cost, last[-1].final.cache.hit)
+        assert await asyncio.to_thread(process.wait, 20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    closed = [line for line in lines if line["event"] == "ledger_closed"]
+    assert closed and closed[0]["records_written"] == CALLS_PER_ROUND + 1 and closed[0]["records_dropped"] == 0
+    total, rows = await read_ledger(database_url)
+    expected.matches(total)
+    assert [row["status_code"] for row in rows] == expected.codes

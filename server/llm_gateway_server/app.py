@@ -296,7 +296,7 @@ async def _control_plane(settings: Settings, metrics: Metrics | None) -> Control
             store,
             configured_keys=key_cache.configured_keys,
             on_change=control.on_change,
-            pending_spend=ledger.pending_spend,
+            spend=ledger.spend,
             quota_guard=_quota_guard(settings),
         )
     await key_cache.start()

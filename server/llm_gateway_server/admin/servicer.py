@@ -151,6 +151,9 @@ class AdminServicer(apb_grpc.AdminServiceServicer):  # type: ignore[misc]  # gen
             only in the file; their ids and display names are taken.
         on_change: awaited after every change (see the module docstring); default: nothing.
         pending_spend: this replica's spend not yet in the ledger, for GetSpend; default: 0.
+        spend: when given, GetSpend's whole answer (nano-USD of a scope since a time: the ledger
+            writer's `spend`, which reads the store and its own buffer under one lock, so no
+            batch is missed or counted twice) instead of `store.spend` + `pending_spend`.
         clock: the current UTC time (budget periods, expiry checks, revoke and grace times).
         quota_guard: when set, the error that refuses any change leaving a key or team with
             rate limits or a budget (the gateway cannot enforce them exactly: `--workers` > 1
@@ -164,6 +167,7 @@ class AdminServicer(apb_grpc.AdminServiceServicer):  # type: ignore[misc]  # gen
         configured_keys: Sequence[KeyRecord] = (),
         on_change: OnChange | None = None,
         pending_spend: PendingSpend | None = None,
+        spend: Callable[[ScopeKind, str, datetime | None], Awaitable[int]] | None = None,
         clock: Clock | None = None,
         quota_guard: GatewayError | None = None,
     ) -> None:
@@ -173,6 +177,7 @@ class AdminServicer(apb_grpc.AdminServiceServicer):  # type: ignore[misc]  # gen
         self._configured_names = {k.display_name: k for k in self._configured.values()}
         self._on_change = on_change or _nothing_changed
         self._pending = pending_spend or _no_pending
+        self._spend = spend
         self._clock = clock or _utcnow
         self._quota_guard = quota_guard
 
@@ -557,9 +562,12 @@ class AdminServicer(apb_grpc.AdminServiceServicer):  # type: ignore[misc]  # gen
         _raise_if(v)
         budget = (await self._key(scope_id)).budget if kind == "key" else (await self._team(scope_id)).budget
         start, end = budget.bounds(self._clock()) if budget is not None else (None, None)
-        spend = await self._store.spend(kind, scope_id, start)
-        pending = self._pending(kind, scope_id, start)
-        spend += await pending if inspect.isawaitable(pending) else pending
+        if self._spend is not None:
+            spend = await self._spend(kind, scope_id, start)
+        else:
+            spend = await self._store.spend(kind, scope_id, start)
+            pending = self._pending(kind, scope_id, start)
+            spend += await pending if inspect.isawaitable(pending) else pending
         out = apb.GetSpendResponse(name=request.name, spend_usd=nano_to_usd(spend))
         if budget is not None:
             out.limit_usd = budget.limit_usd

@@ -19,7 +19,6 @@ import grpc
 
 from llm_gateway.v1 import llm_gateway_pb2 as pb
 
-from ..config import ApiKeySettings, KeyCacheSettings
 from ..errors import GatewayError, api_key_invalid, model_not_allowed
 from ..tenancy.key_cache import KeyCache, hash_key
 from ..tenancy.records import Tenant
@@ -91,15 +90,14 @@ class AuthInterceptor(GatewayInterceptor):
     checks the requested models and notes the tenant on the call record.
 
     Args:
-        keys: the key cache; or, for a gateway without a control-plane store, the configured keys
-            (a `KeyCache` of those alone is built).
+        cache: the key cache (configured keys and the store's).
         anonymous_when_no_keys: with no key at all, let calls through without one (only for a
             loopback bind); False: a call without a valid key is UNAUTHENTICATED even then.
     """
 
-    def __init__(self, keys: KeyCache | Sequence[ApiKeySettings], *, anonymous_when_no_keys: bool = False) -> None:
+    def __init__(self, cache: KeyCache, *, anonymous_when_no_keys: bool = False) -> None:
         super().__init__()
-        self._cache = keys if isinstance(keys, KeyCache) else KeyCache(None, keys, KeyCacheSettings())
+        self._cache = cache
         self._anonymous = anonymous_when_no_keys
 
     @property

@@ -38,7 +38,7 @@ from ..tenancy.ledger import LedgerWriter
 from ..tenancy.records import UsageRecord, usd_to_nano
 from ..transport.call_record import current_call
 from .base import GatewayInterceptor, StreamBehavior, UnaryBehavior
-from .observability import _cancelled
+from .observability import cancelled_code
 
 log = structlog.get_logger(__name__)
 
@@ -142,4 +142,4 @@ def _note_cancelled(context: grpc.aio.ServicerContext[Any, Any]) -> None:
     this one, does once this layer has recorded the call)."""
     call = current_call.get()
     if call is not None:
-        call.outcome.code = _cancelled(context)
+        call.outcome.code = cancelled_code(context)

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("llm_gateway.rpc")
 
 
-def _cancelled(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
+def cancelled_code(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
     """CANCELLED, or DEADLINE_EXCEEDED when the client's deadline is what ended the call."""
     remaining = context.time_remaining()
     return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
@@ -89,7 +89,7 @@ class ObservabilityInterceptor(GatewayInterceptor):
                     call.response_id = response.provider_response_id
             return response
         except asyncio.CancelledError:
-            call.record.outcome.code = _cancelled(context)
+            call.record.outcome.code = cancelled_code(context)
             raise
         finally:
             self._finish(call, request)
@@ -112,7 +112,7 @@ class ObservabilityInterceptor(GatewayInterceptor):
                 call.finish_reason = finish_reason_name(last.final.finish_reason)
                 call.response_id = last.final.provider_response_id
         except (asyncio.CancelledError, GeneratorExit):
-            call.record.outcome.code = _cancelled(context)
+            call.record.outcome.code = cancelled_code(context)
             raise
         finally:
             call.answer = "".join(pieces)

@@ -247,7 +247,3 @@ class CacheBackend(abc.ABC):
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook: in-memory backends hold nothing
         """Releases connections."""
-
-
-# The name app.py imports until it wires `QuotaBackend` (same class).
-RateLimitBackend = QuotaBackend

@@ -155,7 +155,3 @@ class MemoryCache(CacheBackend):
     def _drop(self, key: str) -> None:
         _, value = self._entries.pop(key)
         self._bytes -= len(value)
-
-
-# The name app.py imports until it wires `MemoryQuotas` (same class).
-MemoryRateLimits = MemoryQuotas

@@ -300,7 +300,3 @@ class RedisCache(CacheBackend):
 
     async def aclose(self) -> None:
         await self._client.redis.aclose(close_connection_pool=True)
-
-
-# The name app.py imports until it wires `RedisQuotas` (same class).
-RedisRateLimits = RedisQuotas

@@ -281,9 +281,11 @@ class KeyCache:
             return True
         if not self._may_probe(now):
             return True if known is None else known
-        with contextlib.suppress(StoreUnavailableError):
-            await self._wait(self._count_behind(), "count_keys")
-        return True if self._count is None else self._count
+        try:
+            exists = await self._wait(self._count_behind(), "count_keys")
+        except StoreUnavailableError:
+            return True if self._count is None else self._count
+        return exists or self._count is True  # a key created during the read counts
 
     # --- what the control plane tells it ----------------------------------------------------
 

@@ -10,8 +10,9 @@ batches, off the hot path.
   order. A batch that keeps failing with an error other than `StoreUnavailableError` (the
   database answers but refuses it) is written record by record, and a record the database
   refuses on its own is dropped ("rejected"), so one bad record cannot stop the ledger.
-- **Bound**: at most `max_buffered` records wait (about 1 KB each in memory); a record submitted
-  beyond that is dropped ("overflow"). Every dropped record is counted
+- **Bound**: at most `max_buffered` records wait (about 0.5 KB each in memory: the default
+  100,000 hold about 50 MB, some minutes of a busy replica's calls); a record submitted beyond
+  that is dropped ("overflow"). Every dropped record is counted
   (`llm_gateway_ledger_records_dropped_total{reason}`) and logged: one `ledger_records_dropped`
   error line with the counts at most every `_DROP_LOG_INTERVAL_S`, and always at the drain.
 - **Drain**: `aclose` writes everything still buffered (retrying as above) within
