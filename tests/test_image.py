@@ -605,6 +605,12 @@ def _start_like_the_image(
     env = dict(BASE_IMAGE_ENV)
     for name, value in image_env.items():
         env[name] = value.replace("$PATH", BASE_IMAGE_ENV["PATH"]).replace("/opt/venv", str(venv))
+    # The image's data directory (created by its RUN line, owned by its uid): under root here.
+    data_dir = root / env["LLM_GATEWAY_DATA_DIR"].lstrip("/")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if uid_gid is not None:
+        os.chown(data_dir, *uid_gid)
+    env["LLM_GATEWAY_DATA_DIR"] = str(data_dir)
     env.update({name: host_env[name] for name in run.env if name in host_env})
     env.update({name: value for name, value in host_env.items() if name.startswith("LLM_GATEWAY_")})
     grpc_port, metrics_port = _free_port(), _free_port()
@@ -680,11 +686,10 @@ def _check_running_image(started: Started, venv: Path, uid_gid: tuple[int, int] 
 
 def _host_env(upstream: str) -> dict[str, str]:
     # What the shell running `docker run` has: an OpenAI key and base URL (the emulator); no other
-    # provider variable (so they stay unset); the compose stack's database URL (accepted, unused).
+    # provider variable (so they stay unset); no database URL: the image's SQLite in its data dir.
     return {
         "OPENAI_API_KEY": "sk-test-image",
         "OPENAI_BASE_URL": upstream,
-        "LLM_GATEWAY_DATABASE_URL": "postgresql://llm_gateway:pw@postgres:5432/llm_gateway",
     }
 
 

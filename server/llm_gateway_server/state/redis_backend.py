@@ -40,57 +40,62 @@ log = structlog.get_logger(__name__)
 
 # Counters of scope i (1-based): KEYS[3i-2] the window hash (fields r: requests, t: tokens),
 # KEYS[3i-1] the open-streams sorted set (member: stream id, score: start ms), KEYS[3i] the
-# budget counter (nano-USD). ARGV: now ms, stream max age ms, window ttl ms, tokens, cost
-# (nano-USD), stream id ('' for none), number of scopes; then per scope: rpm, tpm, max streams,
-# budget limit (-1: none for each), seed, budget counter expiry (unix ms; -1: never).
-# Amounts travel as the decimal strings of ARGV (INCRBY takes them as 64-bit integers); Lua
+# budget counter (nano-USD). ARGV[1]: "now-ms max-age-ms window-ttl-ms tokens cost scopes";
+# ARGV[2]: the stream id ('' for none); ARGV[2+i]: scope i's "rpm tpm max-streams budget-limit
+# seed expires-ms" (-1: no such limit; expires -1: never). Few arguments: each costs the client
+# its encoding (about a microsecond), while Lua splits a string for next to nothing.
+# Amounts stay the decimal strings they came as (INCRBY takes them as 64-bit integers); Lua
 # compares them as doubles, exact below 2^53.
 # Returns {1, requests, tokens, spend, ... per scope} or {0, refusing scope, what, r, t, s}.
 _ADMIT = """
-local now, age, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3]
-local tokens, stream, n = tonumber(ARGV[4]), ARGV[6], tonumber(ARGV[7])
+local six = '^(%S+) (%S+) (%S+) (%S+) (%S+) (%S+)$'
+local now, age, ttl, tokens, cost, n = string.match(ARGV[1], six)
+now, n = tonumber(now), tonumber(n)
+local stream, want = ARGV[2], tonumber(tokens)
+local scopes = {}
 for i = 1, n do
-  local a = 7 + 6 * (i - 1)
-  local rpm, tpm = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
-  local streams, limit = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4])
+  local rpm, tpm, streams, limit, seed, expires = string.match(ARGV[2 + i], six)
+  scopes[i] = {tonumber(rpm), tonumber(tpm), tonumber(streams), tonumber(limit), seed, tonumber(expires)}
+end
+for i = 1, n do
+  local rpm, tpm, streams, limit = scopes[i][1], scopes[i][2], scopes[i][3], scopes[i][4]
   local spent = 0
   if limit >= 0 then
-    spent = tonumber(redis.call('GET', KEYS[3 * i]) or ARGV[a + 5])
+    spent = tonumber(redis.call('GET', KEYS[3 * i]) or scopes[i][5])
     if spent >= limit then return {0, i, 'budget', 0, 0, spent} end
   end
   if rpm >= 0 or tpm >= 0 then
     local counts = redis.call('HMGET', KEYS[3 * i - 2], 'r', 't')
     local requests, used = tonumber(counts[1] or '0'), tonumber(counts[2] or '0')
     if rpm >= 0 and requests + 1 > rpm then return {0, i, 'requests', requests, used, spent} end
-    if tpm >= 0 and used + tokens > tpm then return {0, i, 'tokens', requests, used, spent} end
+    if tpm >= 0 and used + want > tpm then return {0, i, 'tokens', requests, used, spent} end
   end
   if streams >= 0 and stream ~= '' then
-    redis.call('ZREMRANGEBYSCORE', KEYS[3 * i - 1], '-inf', now - age)
+    redis.call('ZREMRANGEBYSCORE', KEYS[3 * i - 1], '-inf', now - tonumber(age))
     if redis.call('ZCARD', KEYS[3 * i - 1]) >= streams then return {0, i, 'streams', 0, 0, spent} end
   end
 end
 local out = {1}
 for i = 1, n do
-  local a = 7 + 6 * (i - 1)
   local requests, used, spent = 0, 0, 0
-  if tonumber(ARGV[a + 4]) >= 0 then
+  if scopes[i][4] >= 0 then
     local counter = KEYS[3 * i]
     if redis.call('EXISTS', counter) == 0 then
-      redis.call('SET', counter, ARGV[a + 5])
+      redis.call('SET', counter, scopes[i][5])
       -- never in the past (a call admitted just after its period's end still counts exactly)
-      local expires = tonumber(ARGV[a + 6])
+      local expires = scopes[i][6]
       if expires >= 0 then redis.call('PEXPIREAT', counter, math.max(expires, now + 60000)) end
     end
-    spent = redis.call('INCRBY', counter, ARGV[5])
+    spent = redis.call('INCRBY', counter, cost)
   end
-  if tonumber(ARGV[a + 1]) >= 0 or tonumber(ARGV[a + 2]) >= 0 then
+  if scopes[i][1] >= 0 or scopes[i][2] >= 0 then
     requests = redis.call('HINCRBY', KEYS[3 * i - 2], 'r', 1)
-    used = redis.call('HINCRBY', KEYS[3 * i - 2], 't', ARGV[4])
+    used = redis.call('HINCRBY', KEYS[3 * i - 2], 't', tokens)
     redis.call('PEXPIRE', KEYS[3 * i - 2], ttl)
   end
-  if tonumber(ARGV[a + 3]) >= 0 and stream ~= '' then
-    redis.call('ZADD', KEYS[3 * i - 1], ARGV[1], stream)
-    redis.call('PEXPIRE', KEYS[3 * i - 1], ARGV[2])
+  if scopes[i][3] >= 0 and stream ~= '' then
+    redis.call('ZADD', KEYS[3 * i - 1], now, stream)
+    redis.call('PEXPIRE', KEYS[3 * i - 1], age)
   end
   out[#out + 1] = requests
   out[#out + 1] = used
@@ -99,19 +104,20 @@ end
 return out
 """
 
-# KEYS as for _ADMIT. ARGV: token delta, cost delta (nano-USD), stream id ('' for none), number
-# of scopes; then per scope three flags ('1' / '0'): windowed, holds a stream slot, budgeted.
+# KEYS as for _ADMIT. ARGV[1]: "token-delta cost-delta scopes"; ARGV[2]: the stream id ('' for
+# none); ARGV[3]: three flags per scope ('1' / '0'): windowed, holds a stream slot, budgeted.
 # Counters that no longer exist are left alone; none goes below zero.
 _SETTLE = """
-local n = tonumber(ARGV[4])
-for i = 1, n do
-  local a = 4 + 3 * (i - 1)
-  if ARGV[a + 1] == '1' and ARGV[1] ~= '0' and redis.call('EXISTS', KEYS[3 * i - 2]) == 1 then
-    if redis.call('HINCRBY', KEYS[3 * i - 2], 't', ARGV[1]) < 0 then redis.call('HSET', KEYS[3 * i - 2], 't', 0) end
+local tokens, cost, n = string.match(ARGV[1], '^(%S+) (%S+) (%S+)$')
+local stream, flags = ARGV[2], ARGV[3]
+for i = 1, tonumber(n) do
+  local windowed, slot, budgeted = string.byte(flags, 3 * i - 2, 3 * i)
+  if windowed == 49 and tokens ~= '0' and redis.call('EXISTS', KEYS[3 * i - 2]) == 1 then
+    if redis.call('HINCRBY', KEYS[3 * i - 2], 't', tokens) < 0 then redis.call('HSET', KEYS[3 * i - 2], 't', 0) end
   end
-  if ARGV[a + 2] == '1' then redis.call('ZREM', KEYS[3 * i - 1], ARGV[3]) end
-  if ARGV[a + 3] == '1' and ARGV[2] ~= '0' and redis.call('EXISTS', KEYS[3 * i]) == 1 then
-    if redis.call('INCRBY', KEYS[3 * i], ARGV[2]) < 0 then redis.call('SET', KEYS[3 * i], 0, 'KEEPTTL') end
+  if slot == 49 then redis.call('ZREM', KEYS[3 * i - 1], stream) end
+  if budgeted == 49 and cost ~= '0' and redis.call('EXISTS', KEYS[3 * i]) == 1 then
+    if redis.call('INCRBY', KEYS[3 * i], cost) < 0 then redis.call('SET', KEYS[3 * i], 0, 'KEEPTTL') end
   end
 end
 return 1
@@ -215,16 +221,9 @@ class RedisQuotas(QuotaBackend):
         tokens = token_amount(request.tokens)
         cost = nano_amount(request.cost_nano_usd)
         max_age_ms = int(request.stream_max_age_s * 1000)
+        now_ms = int(request.now * 1000)
         keys: list[str] = []
-        args: list[str | int | float] = [
-            int(request.now * 1000),
-            max_age_ms,
-            WINDOW_S * 2 * 1000,
-            tokens,
-            cost,
-            request.stream_id,
-            len(request.scopes),
-        ]
+        args = [f"{now_ms} {max_age_ms} {WINDOW_S * 2000} {tokens} {cost} {len(request.scopes)}", request.stream_id]
         tag = request.tag
         for scope in request.scopes:
             budget = scope.budget
@@ -234,18 +233,12 @@ class RedisQuotas(QuotaBackend):
                 key(tag, scope.scope, "streams"),
                 key(tag, scope.scope, counter),
             )
+            limits = f"{_none(scope.rpm)} {_none(scope.tpm)} {_none(scope.max_streams)}"
             if budget is None:
-                args += (_none(scope.rpm), _none(scope.tpm), _none(scope.max_streams), -1, 0, -1)
+                args.append(f"{limits} -1 0 -1")
             else:
                 expires = -1 if budget.end_s is None else (budget.end_s + BUDGET_MARGIN_S) * 1000
-                args += (
-                    _none(scope.rpm),
-                    _none(scope.tpm),
-                    _none(scope.max_streams),
-                    budget.limit_nano_usd,
-                    nano_amount(budget.seed_nano_usd),
-                    expires,
-                )
+                args.append(f"{limits} {budget.limit_nano_usd} {nano_amount(budget.seed_nano_usd)} {expires}")
         result: list[Any] = await self._client.run(self._admit(keys=keys, args=args))
         if int(result[0]):
             counts = tuple(
@@ -266,13 +259,13 @@ class RedisQuotas(QuotaBackend):
         if not token_delta and not cost_delta and not streams:
             return
         keys = admission.keys
-        args: list[str | int] = [token_delta, cost_delta, request.stream_id if streams else "", len(request.scopes)]
-        for scope in request.scopes:
-            args += (
-                "1" if scope.windowed else "0",
-                "1" if streams and scope.max_streams is not None else "0",
-                "1" if scope.budget is not None else "0",
-            )
+        flags = "".join(
+            ("1" if scope.windowed else "0")
+            + ("1" if streams and scope.max_streams is not None else "0")
+            + ("1" if scope.budget is not None else "0")
+            for scope in request.scopes
+        )
+        args = [f"{token_delta} {cost_delta} {len(request.scopes)}", request.stream_id if streams else "", flags]
         await self._client.run(self._settle(keys=keys, args=args))
 
     async def aclose(self) -> None:
