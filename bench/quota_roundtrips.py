@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import os
 import platform
@@ -131,16 +132,20 @@ class Gateway:
     port: int
     mode: str
     secret: str = API_KEY
+    callgrind: Path | None = None
     unary_ms: list[float] = field(default_factory=list)
     stream_ms: list[float] = field(default_factory=list)
     redis_unary_ms: list[float] = field(default_factory=list)
     redis_stream_ms: list[float] = field(default_factory=list)
 
 
-def _start(tree: Path, label: str, backend: str, redis_url: str, upstream: str, work: Path) -> Gateway:
+def _start(tree: Path, label: str, backend: str, redis_url: str, upstream: str, work: Path, callgrind: bool) -> Gateway:
     config = work / f"{label}-{backend}.yaml"
     database = work / f"{label}-{backend}.db"
-    config.write_text(yaml.safe_dump(_config(redis_url if backend == "redis" else None, database)))
+    settings = _config(redis_url if backend == "redis" else None, database)
+    if callgrind:  # everything runs ~50 times slower: no Redis timeout may fire
+        settings["redis_timeout_s"] = 10.0
+    config.write_text(yaml.safe_dump(settings))
     env = {
         **os.environ,
         "PYTHONPATH": f"{tree / 'server'}:{tree / 'clients/python/src'}",
@@ -148,18 +153,59 @@ def _start(tree: Path, label: str, backend: str, redis_url: str, upstream: str, 
     }
     ready, log = work / f"{label}-{backend}.ready", work / f"{label}-{backend}.log"
     command = [sys.executable, str(Path(__file__).resolve()), "serve", "--config", str(config), "--upstream", upstream]
+    if callgrind:
+        out = work / f"{label}-{backend}.callgrind"
+        command = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}", *command]
     with log.open("w") as out:
         process = subprocess.Popen(
             [*command, "--ready", str(ready)], env=env, stdout=out, stderr=subprocess.STDOUT, text=True, cwd=work
         )
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + (900 if callgrind else 60)
     while not ready.exists() or not ready.read_text():
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
             raise SystemExit(f"{label}/{backend}: the gateway did not start:\n{log.read_text()[-3000:]}")
         time.sleep(0.05)
     port, mode = ready.read_text().split(" ", 1)
-    return Gateway(label, backend, process, int(port), mode)
+    return Gateway(
+        label, backend, process, int(port), mode, callgrind=work / f"{label}-{backend}.callgrind" if callgrind else None
+    )
+
+
+def _callgrind(gateway: Gateway, *command: str) -> None:
+    subprocess.run(["callgrind_control", *command, str(gateway.process.pid)], check=True, capture_output=True)
+
+
+async def _meter_start(gateway: Gateway, redis_pid: int) -> tuple[float, float]:
+    """Starts counting: (gateway CPU s, Redis CPU s), or instrumentation on under callgrind."""
+    if gateway.callgrind is not None:
+        await asyncio.to_thread(_callgrind, gateway, "--zero")
+        await asyncio.to_thread(_callgrind, gateway, "--instr=on")
+    return _cpu_s(gateway.process.pid), _cpu_s(redis_pid)
+
+
+async def _meter_stop(
+    gateway: Gateway, redis_pid: int, started: tuple[float, float], calls: int
+) -> tuple[float, float]:
+    """Per call since `_meter_start`: (gateway CPU ms, Redis CPU ms), or under callgrind
+    (gateway instructions, 0)."""
+    if gateway.callgrind is None:
+        return (_cpu_s(gateway.process.pid) - started[0]) / calls * 1000, (
+            _cpu_s(redis_pid) - started[1]
+        ) / calls * 1000
+    await asyncio.to_thread(_callgrind, gateway, "--instr=off")
+    before = set(gateway.callgrind.parent.glob(gateway.callgrind.name + ".*"))
+    await asyncio.to_thread(_callgrind, gateway, "--dump")
+    deadline = time.monotonic() + 60
+    while not (dumps := set(gateway.callgrind.parent.glob(gateway.callgrind.name + ".*")) - before):
+        if time.monotonic() > deadline:
+            raise SystemExit("callgrind wrote no dump")
+        await asyncio.sleep(0.2)
+    (dump,) = dumps
+    await asyncio.sleep(0.5)  # written whole
+    lines = dump.read_text().splitlines()
+    totals = next(line for line in lines if line.startswith("totals:"))  # the instructions (Ir) counted
+    return int(totals.split()[1]) / calls, 0.0
 
 
 async def _team_key(gateway: Gateway) -> None:
@@ -202,19 +248,21 @@ async def _measure(gateway: Gateway, redis_pid: int, calls: int, streams: int) -
             await stub.Chat(request(pb.ChatRequest, i), metadata=metadata)
             _ = [e async for e in stub.ChatStream(request(pb.ChatStreamRequest, i), metadata=metadata)]
         await asyncio.sleep(0.2)
-        started, redis_started = _cpu_s(gateway.process.pid), _cpu_s(redis_pid)
+        started = await _meter_start(gateway, redis_pid)
         for i in range(calls):
             await stub.Chat(request(pb.ChatRequest, i), metadata=metadata)
         await asyncio.sleep(0.2)  # let the last settle land
-        gateway.unary_ms.append((_cpu_s(gateway.process.pid) - started) / calls * 1000)
-        gateway.redis_unary_ms.append((_cpu_s(redis_pid) - redis_started) / calls * 1000)
-        started, redis_started = _cpu_s(gateway.process.pid), _cpu_s(redis_pid)
+        own, redis = await _meter_stop(gateway, redis_pid, started, calls)
+        gateway.unary_ms.append(own)
+        gateway.redis_unary_ms.append(redis)
+        started = await _meter_start(gateway, redis_pid)
         for i in range(streams):
             events = [e async for e in stub.ChatStream(request(pb.ChatStreamRequest, i), metadata=metadata)]
             assert events[-1].WhichOneof("event") == "final"
         await asyncio.sleep(0.2)
-        gateway.stream_ms.append((_cpu_s(gateway.process.pid) - started) / streams * 1000)
-        gateway.redis_stream_ms.append((_cpu_s(redis_pid) - redis_started) / streams * 1000)
+        own, redis = await _meter_stop(gateway, redis_pid, started, streams)
+        gateway.stream_ms.append(own)
+        gateway.redis_stream_ms.append(redis)
 
 
 def _commit(tree: Path) -> str:
@@ -248,7 +296,7 @@ async def _drive(args: argparse.Namespace, trees: list[tuple[str, Path]]) -> Non
     )
     await asyncio.sleep(0.5)
     gateways: list[Gateway] = []
-    with tempfile.TemporaryDirectory() as work:
+    with tempfile.TemporaryDirectory() if args.work is None else contextlib.nullcontext(args.work) as work:
         try:
             for label, tree in trees:
                 for backend in ("memory", "redis"):
@@ -260,6 +308,7 @@ async def _drive(args: argparse.Namespace, trees: list[tuple[str, Path]]) -> Non
                             f"redis://127.0.0.1:{redis_port}/0",
                             f"http://127.0.0.1:{upstream_port}/v1",
                             Path(work),
+                            args.instructions,
                         )
                     )
                     if args.team and "QuotaInterceptor" in gateways[-1].mode:
@@ -278,33 +327,40 @@ async def _drive(args: argparse.Namespace, trees: list[tuple[str, Path]]) -> Non
 
 
 def _report(args: argparse.Namespace, trees: list[tuple[str, Path]], gateways: list[Gateway]) -> None:
-    def median(values: list[float]) -> float:
-        return statistics.median(values)
-
+    median = statistics.median
+    unit = "M instructions" if args.instructions else "CPU ms"
+    scale = 1e-6 if args.instructions else 1.0
     print(f"machine: {os.cpu_count()} cores, Linux {platform.release()}, Python {platform.python_version()}")
     print(f"date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     for label, tree in trees:
         print(f"{label}: {tree} at {_commit(tree)}")
-    print(f"{args.rounds} rounds of {args.calls} unary calls and {args.streams} streams per gateway, concurrency 1")
+    how = "instructions under callgrind" if args.instructions else "CPU from /proc"
+    print(
+        f"{args.rounds} rounds of {args.calls} unary calls and {args.streams} streams per gateway, concurrency 1, {how}"
+    )
     print()
-    print("| tree | backend | chain | unary CPU ms/call | stream CPU ms/call | Redis CPU ms/call (unary / stream) |")
-    print("|---|---|---|---|---|---|")
+    redis_column = "" if args.instructions else " Redis CPU ms/call (unary / stream) |"
+    print(f"| tree | backend | chain | unary {unit}/call | stream {unit}/call |{redis_column}")
+    print("|---|---|---|---|---|" + ("" if args.instructions else "---|"))
     for g in gateways:
-        redis_cpu = f"{median(g.redis_unary_ms):.3f} / {median(g.redis_stream_ms):.3f}" if g.backend == "redis" else "–"
-        cpu = f"{median(g.unary_ms):.3f} | {median(g.stream_ms):.3f}"
-        print(f"| {g.tree} | {g.backend} | {g.mode} | {cpu} | {redis_cpu} |")
+        cells = f"{median(g.unary_ms) * scale:.3f} | {median(g.stream_ms) * scale:.3f} |"
+        if not args.instructions:
+            cells += (
+                f" {median(g.redis_unary_ms):.3f} / {median(g.redis_stream_ms):.3f} |"
+                if g.backend == "redis"
+                else " – |"
+            )
+        print(f"| {g.tree} | {g.backend} | {g.mode} | {cells}")
     print()
-    print("| tree | Redis − memory, unary (ms) | Redis − memory, stream (ms) | per round, unary |")
+    print(f"| tree | Redis − memory, unary ({unit}) | Redis − memory, stream ({unit}) | per round, unary |")
     print("|---|---|---|---|")
     for label, _ in trees:
-        memory, on_redis = (
-            next(g for g in gateways if g.tree == label and g.backend == b) for b in ("memory", "redis")
-        )
-        rounds = ", ".join(f"{r - m:+.3f}" for m, r in zip(memory.unary_ms, on_redis.unary_ms, strict=True))
-        print(
-            f"| {label} | {median(on_redis.unary_ms) - median(memory.unary_ms):+.3f} | "
-            f"{median(on_redis.stream_ms) - median(memory.stream_ms):+.3f} | {rounds} |"
-        )
+        memory, on_redis = (next(g for g in gateways if (g.tree, g.backend) == (label, b)) for b in ("memory", "redis"))
+        pairs = zip(memory.unary_ms, on_redis.unary_ms, strict=True)
+        rounds = ", ".join(f"{(r - m) * scale:+.3f}" for m, r in pairs)
+        unary = (median(on_redis.unary_ms) - median(memory.unary_ms)) * scale
+        stream = (median(on_redis.stream_ms) - median(memory.stream_ms)) * scale
+        print(f"| {label} | {unary:+.3f} | {stream:+.3f} | {rounds} |")
 
 
 def main() -> None:
@@ -320,6 +376,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--streams", type=int, default=300)
+    parser.add_argument("--work", type=Path, help="keep configs, logs and callgrind dumps in this directory")
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count the gateways' instructions under callgrind (deterministic; slow: use small --calls)",
+    )
     parser.add_argument(
         "--team", action="store_true", help="the key is in a team with limits and a budget (trees with the admin API)"
     )

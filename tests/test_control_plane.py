@@ -157,9 +157,7 @@ async def test_admin_on_its_own_port_or_disabled(make_gateway: GatewayFactory, o
     env = {"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": openai_upstream.base_url}
     apart = await make_gateway(env, admin_key=ADMIN_KEY, admin={"port": 0})
     assert apart.running.admin_port not in (None, apart.running.port)
-    on_main = await _code(
-        apb_grpc.AdminServiceStub(apart.channel).ListKeys(apb.ListKeysRequest(), metadata=ADMIN)
-    )
+    on_main = await _code(apb_grpc.AdminServiceStub(apart.channel).ListKeys(apb.ListKeysRequest(), metadata=ADMIN))
     assert on_main == grpc.StatusCode.UNIMPLEMENTED
     async with grpc.aio.insecure_channel(f"127.0.0.1:{apart.running.admin_port}") as channel:
         listed = await apb_grpc.AdminServiceStub(channel).ListKeys(apb.ListKeysRequest(), metadata=ADMIN, timeout=5)
@@ -169,9 +167,7 @@ async def test_admin_on_its_own_port_or_disabled(make_gateway: GatewayFactory, o
 
     disabled = await make_gateway(env, admin_key=ADMIN_KEY, admin={"enabled": False})
     assert disabled.running.admin_port is None
-    off = await _code(
-        apb_grpc.AdminServiceStub(disabled.channel).ListKeys(apb.ListKeysRequest(), metadata=ADMIN)
-    )
+    off = await _code(apb_grpc.AdminServiceStub(disabled.channel).ListKeys(apb.ListKeysRequest(), metadata=ADMIN))
     assert off == grpc.StatusCode.UNIMPLEMENTED
 
 
@@ -399,3 +395,42 @@ async def test_a_worker_without_redis_refuses_admin_budgets(
         apb.RotateKeyRequest(name=plain.key.name, grace_period=duration_pb2.Duration(seconds=60)), metadata=ADMIN
     )
     assert rotated.secret != plain.secret
+
+
+async def test_budget_gauges_and_spend_metric(make_gateway: GatewayFactory, openai_upstream: OpenAIEmulator) -> None:
+    """A budgeted key's call sets `llm_gateway_budget_spend_usd` / `_limit_usd` (subject
+    `keys/{id}`, what the "Budget used" panel and GatewayBudgetNearlySpent read) and counts its
+    cost in `llm_gateway_spend_usd_total`."""
+    import urllib.request
+
+    metrics_port = free_port()
+    gateway = await make_gateway(
+        {"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": openai_upstream.base_url},
+        admin_key=ADMIN_KEY,
+        metrics_port=metrics_port,
+    )
+    admin = apb_grpc.AdminServiceStub(gateway.channel)
+    created = await admin.CreateKey(
+        apb.CreateKeyRequest(
+            key=apb.Key(display_name="gauged", budget=apb.Budget(limit_usd=2.5, period=apb.BUDGET_PERIOD_MONTHLY)),
+            key_id="gauged",
+        ),
+        metadata=ADMIN,
+        timeout=5,
+    )
+    answer = await gateway.stub.Chat(
+        chat("gpt-4o-mini", generation=pb.GenerationOptions(max_output_tokens=16)),
+        metadata=bearer(created.secret),
+        timeout=10,
+    )
+    text = await asyncio.to_thread(
+        lambda: urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    )
+    values = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("llm_")
+    }
+    assert values['llm_gateway_budget_limit_usd{subject="keys/gauged"}'] == 2.5
+    reserved = values['llm_gateway_budget_spend_usd{subject="keys/gauged"}']
+    assert 0 < reserved <= (11 * 0.15 + 16 * 0.60) / 1e6 * 2  # the first call's reservation
+    spent = values['llm_gateway_spend_usd_total{key="gauged",team=""}']
+    assert spent == pytest.approx(answer.cost.total_usd, abs=1e-9)

@@ -280,7 +280,18 @@ class QuotaInterceptor(GatewayInterceptor):
             return record, None, ()
         if not admission.allowed:
             await self._reject(context, record, admission)
+        if cost and self._metrics is not None:
+            self._note_budgets(admission)
         return record, admission, self._headers(admission)
+
+    def _note_budgets(self, admission: Admission) -> None:
+        """Budget gauges (`llm_gateway_budget_spend_usd` / `_limit_usd`) from the counters the
+        admission saw."""
+        assert self._metrics is not None
+        for quota, count in zip(admission.request.scopes, admission.counts, strict=True):
+            if quota.budget is not None:
+                self._metrics.budget_spend.labels(quota.scope).set(nano_to_usd(count.spend_nano_usd))
+                self._metrics.budget_limit.labels(quota.scope).set(nano_to_usd(quota.budget.limit_nano_usd))
 
     async def _backend_failed(
         self, context: grpc.aio.ServicerContext[Any, Any], record: CallRecord, exc: BackendUnavailableError

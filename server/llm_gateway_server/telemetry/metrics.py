@@ -222,6 +222,23 @@ class Metrics:
             ["key", "team"],
             registry=r,
         )
+        # Budgets (interceptors/quota.py), per `keys/{id}` / `teams/{id}` with a budget: set at
+        # every admitted budgeted call from the counters the admission returned (shared ones on
+        # Redis). "max" across workers: each saw the shared counter at a different moment.
+        self.budget_spend = Gauge(
+            "llm_gateway_budget_spend_usd",
+            "Spend in the budget's current period, USD, reservations of calls in flight included",
+            ["subject"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.budget_limit = Gauge(
+            "llm_gateway_budget_limit_usd",
+            "The budget's limit per period, USD",
+            ["subject"],
+            registry=r,
+            multiprocess_mode="max",
+        )
         self.ledger_written = Counter(
             "llm_gateway_ledger_records_written_total", "Usage records written to the database", registry=r
         )
