@@ -68,6 +68,7 @@ ALERT_NAMES = {
     "GatewayBudgetNearlySpent",
     "GatewayHighOverhead",
     "GatewayNoTraffic",
+    "GatewayLedgerRecordsDropped",
 }
 DATASOURCE_UIDS = {"${DS_PROMETHEUS}", "prometheus"}
 TARGET_LABELS = {"job", "instance"}  # added by Prometheus at scrape time
