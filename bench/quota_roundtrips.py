@@ -133,6 +133,7 @@ class Gateway:
     mode: str
     secret: str = API_KEY
     callgrind: Path | None = None
+    idle_per_s: list[float] = field(default_factory=list)
     unary_ms: list[float] = field(default_factory=list)
     stream_ms: list[float] = field(default_factory=list)
     redis_unary_ms: list[float] = field(default_factory=list)
@@ -176,23 +177,22 @@ def _callgrind(gateway: Gateway, *command: str) -> None:
     subprocess.run(["callgrind_control", *command, str(gateway.process.pid)], check=True, capture_output=True)
 
 
+IDLE_S = 10.0  # how long the idle rate of a gateway under callgrind is counted
+
+
 async def _meter_start(gateway: Gateway, redis_pid: int) -> tuple[float, float]:
-    """Starts counting: (gateway CPU s, Redis CPU s), or instrumentation on under callgrind."""
-    if gateway.callgrind is not None:
-        await asyncio.to_thread(_callgrind, gateway, "--zero")
-        await asyncio.to_thread(_callgrind, gateway, "--instr=on")
-    return _cpu_s(gateway.process.pid), _cpu_s(redis_pid)
-
-
-async def _meter_stop(
-    gateway: Gateway, redis_pid: int, started: tuple[float, float], calls: int
-) -> tuple[float, float]:
-    """Per call since `_meter_start`: (gateway CPU ms, Redis CPU ms), or under callgrind
-    (gateway instructions, 0)."""
+    """Starts counting: (gateway CPU s, Redis CPU s), or under callgrind (wall time, 0) with the
+    instrumentation on."""
     if gateway.callgrind is None:
-        return (_cpu_s(gateway.process.pid) - started[0]) / calls * 1000, (
-            _cpu_s(redis_pid) - started[1]
-        ) / calls * 1000
+        return _cpu_s(gateway.process.pid), _cpu_s(redis_pid)
+    await asyncio.to_thread(_callgrind, gateway, "--zero")
+    await asyncio.to_thread(_callgrind, gateway, "--instr=on")
+    return time.monotonic(), 0.0
+
+
+async def _instructions(gateway: Gateway) -> int:
+    """Turns the instrumentation off and returns the instructions counted since it was on."""
+    assert gateway.callgrind is not None
     await asyncio.to_thread(_callgrind, gateway, "--instr=off")
     before = set(gateway.callgrind.parent.glob(gateway.callgrind.name + ".*"))
     await asyncio.to_thread(_callgrind, gateway, "--dump")
@@ -203,9 +203,28 @@ async def _meter_stop(
         await asyncio.sleep(0.2)
     (dump,) = dumps
     await asyncio.sleep(0.5)  # written whole
-    lines = dump.read_text().splitlines()
-    totals = next(line for line in lines if line.startswith("totals:"))  # the instructions (Ir) counted
-    return int(totals.split()[1]) / calls, 0.0
+    totals = next(line for line in dump.read_text().splitlines() if line.startswith("totals:"))
+    return int(totals.split()[1])
+
+
+async def _meter_stop(
+    gateway: Gateway, redis_pid: int, started: tuple[float, float], calls: int
+) -> tuple[float, float]:
+    """Per call since `_meter_start`: (gateway CPU ms, Redis CPU ms), or under callgrind
+    (gateway instructions, 0) less what the gateway executes idle in the same wall time (timers,
+    the key-events listener, gRPC's poller: under callgrind a call lasts ~50 times longer, so
+    idle work would otherwise weigh in by how long a call takes, not by what it does)."""
+    if gateway.callgrind is None:
+        own = (_cpu_s(gateway.process.pid) - started[0]) / calls * 1000
+        return own, (_cpu_s(redis_pid) - started[1]) / calls * 1000
+    wall = time.monotonic() - started[0]
+    counted = await _instructions(gateway)
+    await _meter_start(gateway, redis_pid)
+    idle_started = time.monotonic()
+    await asyncio.sleep(IDLE_S)
+    idle = await _instructions(gateway) / (time.monotonic() - idle_started)
+    gateway.idle_per_s.append(idle)
+    return (counted - idle * wall) / calls, 0.0
 
 
 async def _team_key(gateway: Gateway) -> None:
@@ -351,6 +370,9 @@ def _report(args: argparse.Namespace, trees: list[tuple[str, Path]], gateways: l
                 else " – |"
             )
         print(f"| {g.tree} | {g.backend} | {g.mode} | {cells}")
+    if args.instructions:
+        idle = ", ".join(f"{g.tree}/{g.backend} {median(g.idle_per_s) / 1e6:.2f}" for g in gateways)
+        print(f"\nidle instructions per second (M), subtracted for each batch's wall time: {idle}")
     print()
     print(f"| tree | Redis − memory, unary ({unit}) | Redis − memory, stream ({unit}) | per round, unary |")
     print("|---|---|---|---|")

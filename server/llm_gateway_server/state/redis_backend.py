@@ -137,25 +137,32 @@ REDIS_BREAKER = BreakerSettings(consecutive_failures=3, failure_rate=1.0, min_ca
 BreakerListener = Callable[[BreakerState], None]
 
 
-# Connections per pool: a call beyond them waits for a free one (within the call's timeout).
-# redis-py's default pool (100) refuses a call beyond its size with MaxConnectionsError instead.
+# Calls in flight per pool, hence connections: a call beyond them waits for a free one (within
+# its timeout). redis-py's pool alone refuses a call beyond its size (MaxConnectionsError).
 MAX_CONNECTIONS = 64
 
 
 class _Client:
     """One Redis connection pool behind a circuit breaker (`REDIS_BREAKER`); `component` names it
-    in logs ("rate_limit", "cache"). At most `MAX_CONNECTIONS` connections: calls beyond wait."""
+    in logs ("rate_limit", "cache").
+
+    Each call is bounded by one `asyncio.timeout` (twice `timeout_s`: waiting for a free
+    connection, connecting — itself bounded by `timeout_s` — writing and reading); a call cut
+    by it has its connection closed by redis-py. No per-read and per-write socket timeouts: they
+    would cost every call two more timers and a task (`asyncio.wait_for` around each write), about
+    a fifth of the client's CPU per round trip (bench/NOTES.md). At most `MAX_CONNECTIONS` calls
+    (connections) at once; calls beyond wait (a semaphore: no timer when one is free)."""
 
     def __init__(self, url: str, timeout_s: float, component: str) -> None:
-        pool = redis.BlockingConnectionPool.from_url(
+        pool = redis.ConnectionPool.from_url(
             url,
             max_connections=MAX_CONNECTIONS,
-            timeout=timeout_s,
-            socket_timeout=timeout_s,
+            socket_timeout=None,
             socket_connect_timeout=timeout_s,
             retry_on_timeout=False,
         )
         self.redis = redis.Redis(connection_pool=pool)
+        self._slots = asyncio.Semaphore(MAX_CONNECTIONS)
         self._timeout_s = timeout_s * 2
         self._component = component
         self._breaker = CircuitBreaker(REDIS_BREAKER)
@@ -189,7 +196,7 @@ class _Client:
             self._moved(now)
             raise BackendUnavailableError(f"redis: skipped for up to {REDIS_BREAKER.cooldown_s:g}s after failures")
         try:
-            async with asyncio.timeout(self._timeout_s):
+            async with asyncio.timeout(self._timeout_s), self._slots:
                 result = await call
         except (RedisError, OSError, TimeoutError) as exc:
             self._breaker.record(time.monotonic(), success=False)
