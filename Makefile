@@ -38,8 +38,8 @@ run: setup ## serve the gateway on 127.0.0.1:50051 (providers from OPENAI_API_KE
 run-dev: setup ## serve with debug logs (CONFIG=file.yaml optional)
 	LLM_GATEWAY_LOG_LEVEL=debug $(BIN)/llm-gateway serve $(if $(CONFIG),--config $(CONFIG))
 
-test: setup ## run the test suite (real aio server, loopback provider emulators)
-	$(BIN)/pytest -q
+test: setup ## run the test suite (real aio server, loopback provider emulators), on 2 processes (pytest-xdist)
+	$(BIN)/pytest -q -n $(or $(TEST_WORKERS),2)
 
 fuzz: setup ## the hostile-input suite, long (FUZZ_EXAMPLES=3000: ~11 min on 2 cores; COLLECT=1 lists every violation kind): requests sent, codes seen
 	LLM_GATEWAY_FUZZ_EXAMPLES=$(or $(FUZZ_EXAMPLES),3000) $(if $(COLLECT),LLM_GATEWAY_FUZZ_COLLECT=1) \
