@@ -53,9 +53,14 @@ def _free_port() -> int:
 
 
 def _cpu_s(pid: int) -> float:
-    """utime + stime of a process, seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    """CPU time of a process, seconds: the sum over its threads of /proc/…/schedstat (time on a
+    CPU, ns: finer than utime + stime's clock ticks; every thread of a gateway lives as long as it
+    does), or utime + stime where schedstat is missing."""
+    try:
+        return sum(int((t / "schedstat").read_text().split()[0]) for t in Path(f"/proc/{pid}/task").iterdir()) / 1e9
+    except (OSError, ValueError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 LIMITS = {"rpm": 100_000_000, "tpm": 1_000_000_000, "max_concurrent_streams": 1000}
@@ -263,7 +268,7 @@ async def _measure(gateway: Gateway, redis_pid: int, calls: int, streams: int) -
 
     async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
         stub = pb_grpc.LLMGatewayServiceStub(channel)
-        for i in range(20):  # warm-up: connections, scripts loaded
+        for i in range(0 if gateway.unary_ms else 20):  # warm-up: connections, scripts loaded
             await stub.Chat(request(pb.ChatRequest, i), metadata=metadata)
             _ = [e async for e in stub.ChatStream(request(pb.ChatStreamRequest, i), metadata=metadata)]
         await asyncio.sleep(0.2)
@@ -374,14 +379,18 @@ def _report(args: argparse.Namespace, trees: list[tuple[str, Path]], gateways: l
         idle = ", ".join(f"{g.tree}/{g.backend} {median(g.idle_per_s) / 1e6:.2f}" for g in gateways)
         print(f"\nidle instructions per second (M), subtracted for each batch's wall time: {idle}")
     print()
-    print(f"| tree | Redis − memory, unary ({unit}) | Redis − memory, stream ({unit}) | per round, unary |")
+    print(f"| tree | Redis − memory, unary ({unit}) | Redis − memory, stream ({unit}) | unary differences |")
     print("|---|---|---|---|")
+    # the median of the rounds' differences: a round measures both gateways of a tree back to
+    # back, so load that drifts over minutes cancels
     for label, _ in trees:
         memory, on_redis = (next(g for g in gateways if (g.tree, g.backend) == (label, b)) for b in ("memory", "redis"))
         pairs = zip(memory.unary_ms, on_redis.unary_ms, strict=True)
-        rounds = ", ".join(f"{(r - m) * scale:+.3f}" for m, r in pairs)
-        unary = (median(on_redis.unary_ms) - median(memory.unary_ms)) * scale
-        stream = (median(on_redis.stream_ms) - median(memory.stream_ms)) * scale
+        differences = sorted((r - m) * scale for m, r in pairs)
+        low, high = differences[len(differences) // 4], differences[3 * len(differences) // 4]
+        rounds = f"{len(differences)} rounds, quartiles {low:+.3f} … {high:+.3f}"
+        unary = median(r - m for m, r in zip(memory.unary_ms, on_redis.unary_ms, strict=True)) * scale
+        stream = median(r - m for m, r in zip(memory.stream_ms, on_redis.stream_ms, strict=True)) * scale
         print(f"| {label} | {unary:+.3f} | {stream:+.3f} | {rounds} |")
 
 

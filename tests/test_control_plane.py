@@ -129,6 +129,9 @@ async def test_team_key_chat_usage_revoke(
     assert revoked.HasField("revoke_time")
     after = await expect_error(gateway.stub.Chat(chat("gpt-4o-mini"), metadata=bearer(created.secret), timeout=10))
     assert (after.code, after.info.reason) == (grpc.StatusCode.UNAUTHENTICATED, "API_KEY_REVOKED")
+    # Revoking the last key does not open the gateway to anonymous calls again.
+    anonymous = await expect_error(gateway.stub.Chat(chat("gpt-4o-mini"), timeout=10))
+    assert (anonymous.code, anonymous.info.reason) == (grpc.StatusCode.UNAUTHENTICATED, "API_KEY_INVALID")
     assert created.secret not in str(await admin.GetKey(apb.GetKeyRequest(name="keys/search-prod"), metadata=ADMIN))
 
 

@@ -650,12 +650,13 @@ async def test_keys_exist(store: CountingStore, caches: list[KeyCache]) -> None:
     other = new_cache(caches, store, ttl_s=0.3)  # another replica, not told
     assert await other.keys_exist()
     await store.update_key(replace(key, revoke_time=datetime.now(UTC)))
-    other.invalidate("k1")  # a cached True is re-read in the background: auth applies meanwhile
-
-    async def none_left() -> bool:
-        return not await other.keys_exist()
-
-    await eventually(none_left)
+    other.invalidate("k1")  # re-read: a revoked key still counts, auth never turns off again
+    reads = store.calls["count_keys"]
+    await asyncio.sleep(0.4)
+    assert await other.keys_exist()
+    assert await other.keys_exist()
+    await asyncio.sleep(0.05)
+    assert store.calls["count_keys"] > reads, "the count was read again after the revocation"
 
 
 async def test_keys_exist_while_an_invalidation_races_the_first_read(

@@ -795,7 +795,8 @@ async def test_two_gateways_on_one_redis_stay_within_one_call_of_the_budget(
     with a budget of B: 60 concurrent calls; the admitted calls' real total is at most B + one
     call's cost, and every refusal is BUDGET_EXCEEDED."""
     url = copy_sqlite_template(migrated_sqlite_template, tmp_path)
-    first, second = [await admin_gateway(redis_server.url, database_url=url) for _ in range(2)]
+    # a generous Redis timeout: a call timed out under load would fail open, unreserved
+    first, second = [await admin_gateway(redis_server.url, database_url=url, redis_timeout_s=5.0) for _ in range(2)]
     limit = 10 * CALL_COST + CALL_COST // 2
     key = await first.key("k", budget=budget_usd(limit / 1e9))
     gateways = [first, second]

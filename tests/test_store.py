@@ -428,7 +428,7 @@ async def test_key_crud(store: SqlStore) -> None:
 
     revoked = await store.update_key(replace(rotated, revoke_time=datetime.now(UTC), disabled=True))
     assert_utc(revoked.revoke_time)
-    assert await store.count_keys() == 1  # key-04 only
+    assert await store.count_keys() == 2  # revoked keys count: auth never turns off again
     assert await store.get_key("key-01") == revoked  # a revoked key still answers
 
 
@@ -452,7 +452,7 @@ async def test_list_keys_pagination_and_filters(store: SqlStore) -> None:
     assert await all_pages("team-a", True) == [["key-01", "key-03"], ["key-05"]]
     assert await all_pages("team-a", False) == [["key-01", "key-05"]]
     assert await all_pages("", True) == [["key-02", "key-04"], ["key-06"]]  # no team
-    assert await store.count_keys() == 5
+    assert await store.count_keys() == 6  # the revoked one included
 
 
 async def test_delete_team_refused_while_keys_belong_to_it(store: SqlStore) -> None:

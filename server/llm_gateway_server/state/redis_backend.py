@@ -10,14 +10,15 @@ is bounded by the socket timeouts and an overall `asyncio.timeout`; failures rai
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as redis
 import structlog
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from ..config import BreakerSettings
 from ..routing.breaker import BreakerState, CircuitBreaker  # pure state machine, shared with deployments
@@ -137,6 +138,22 @@ REDIS_BREAKER = BreakerSettings(consecutive_failures=3, failure_rate=1.0, min_ca
 BreakerListener = Callable[[BreakerState], None]
 
 
+class _Script:
+    """A Lua script and its SHA-1 (what EVALSHA names it by)."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source.encode()
+        self.sha = hashlib.sha1(self.source).hexdigest().encode()
+
+
+def _resp(*parts: bytes) -> bytes:
+    """A command as the Redis protocol (RESP) sends it: an array of bulk strings."""
+    out = [b"*%d\r\n" % len(parts)]
+    for part in parts:
+        out += (b"$%d\r\n" % len(part), part, b"\r\n")
+    return b"".join(out)
+
+
 # Calls in flight per pool, hence connections: a call beyond them waits for a free one (within
 # its timeout). redis-py's pool alone refuses a call beyond its size (MaxConnectionsError).
 MAX_CONNECTIONS = 64
@@ -182,6 +199,38 @@ class _Client:
         for listener in self._listeners:
             listener(state)
 
+    async def evalsha(self, script: _Script, keys: Sequence[str], args: Sequence[str]) -> Any:
+        """EVALSHA of `script` (loaded with SCRIPT LOAD on NOSCRIPT, then run again) in one round
+        trip on a pooled connection, within `run`'s bounds.
+
+        The command is packed here from strings (redis-py's generic `execute_command` packs each
+        argument through its encoder and runs retry and observability hooks: about 300 Python
+        calls a round trip, a third of what the quota check costs the client; bench/NOTES.md).
+        redis-py's connection still reads and parses the reply and closes itself on any error
+        or cancellation mid-command.
+
+        Raises:
+            BackendUnavailableError: as `run`.
+        """
+        encoded = [k.encode() for k in keys] + [a.encode() for a in args]
+        command = _resp(b"EVALSHA", script.sha, b"%d" % len(keys), *encoded)
+        return await self.run(self._evalsha(script, command))
+
+    async def _evalsha(self, script: _Script, command: bytes) -> Any:
+        pool = self.redis.connection_pool
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+        try:
+            await connection.send_packed_command(command, check_health=False)
+            try:
+                return await connection.read_response()
+            except NoScriptError:  # a restarted or flushed Redis: load it, run again
+                await connection.send_packed_command(_resp(b"SCRIPT", b"LOAD", script.source), check_health=False)
+                await connection.read_response()
+                await connection.send_packed_command(command, check_health=False)
+                return await connection.read_response()
+        finally:
+            await pool.release(connection)
+
     async def run(self, call: Awaitable[T]) -> T:
         """Awaits one Redis call within the timeout.
 
@@ -220,8 +269,8 @@ class RedisQuotas(QuotaBackend):
     def __init__(self, url: str, timeout_s: float) -> None:
         self._client = _Client(url, timeout_s, "rate_limit")
         self.subscribe = self._client.subscribe
-        self._admit = self._client.redis.register_script(_ADMIT)
-        self._settle = self._client.redis.register_script(_SETTLE)
+        self._admit = _Script(_ADMIT)
+        self._settle = _Script(_SETTLE)
 
     async def admit(self, request: QuotaRequest) -> Admission:
         window, reset = current_window(request.now)
@@ -246,7 +295,7 @@ class RedisQuotas(QuotaBackend):
             else:
                 expires = -1 if budget.end_s is None else (budget.end_s + BUDGET_MARGIN_S) * 1000
                 args.append(f"{limits} {budget.limit_nano_usd} {nano_amount(budget.seed_nano_usd)} {expires}")
-        result: list[Any] = await self._client.run(self._admit(keys=keys, args=args))
+        result: list[Any] = await self._client.evalsha(self._admit, keys, args)
         if int(result[0]):
             counts = tuple(
                 ScopeCount(int(result[j]), int(result[j + 1]), int(result[j + 2])) for j in range(1, len(result), 3)
@@ -273,7 +322,7 @@ class RedisQuotas(QuotaBackend):
             for scope in request.scopes
         )
         args = [f"{token_delta} {cost_delta} {len(request.scopes)}", request.stream_id if streams else "", flags]
-        await self._client.run(self._settle(keys=keys, args=args))
+        await self._client.evalsha(self._settle, keys, args)
 
     async def aclose(self) -> None:
         await self._client.redis.aclose(close_connection_pool=True)

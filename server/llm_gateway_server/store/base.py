@@ -128,7 +128,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def count_keys(self) -> int:
-        """How many keys exist that are not revoked (auth applies as soon as one does)."""
+        """How many keys were ever created, revoked ones included: auth applies as soon as one
+        was, and revoking the last key must not open the gateway to anonymous calls again."""
 
     # --- usage ledger --------------------------------------------------------------------------
 

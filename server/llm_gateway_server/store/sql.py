@@ -958,10 +958,10 @@ class SqlStore(Store):
         return await self._bounded("update_key", operation)
 
     async def count_keys(self) -> int:
-        """Keys that are not revoked. Raises StoreUnavailableError."""
+        """Every key ever created, revoked ones included. Raises StoreUnavailableError."""
 
         async def operation() -> int:
-            stmt = select(func.count()).select_from(api_keys).where(api_keys.c.revoke_time.is_(None))
+            stmt = select(func.count()).select_from(api_keys)
             return int(await self._scalar(stmt))
 
         return await self._bounded("count_keys", operation)

@@ -261,7 +261,7 @@ class KeyCache:
         return True
 
     async def keys_exist(self) -> bool:
-        """Whether any key exists (configured, or in the database and not revoked): then every
+        """Whether any key exists (configured, or ever created in the database: revoked keys count): then every
         data-plane call needs one.
 
         The database's answer is cached for `ttl_s` and re-read after any invalidation; a cached
