@@ -76,10 +76,13 @@ class Application:
     metrics: Metrics | None
     control: ControlPlane
     known_deployments: tuple[str, ...] = ()
+    quota_layers: tuple[QuotaInterceptor, ...] = ()
 
     async def aclose(self) -> None:
         """Writes the ledger's last records (the drain), then closes the control plane, provider
         connection pools, state backends and the metrics server."""
+        for layer in self.quota_layers:
+            await layer.aclose()  # settlements of cancelled calls still running, before their backend closes
         await self.control.aclose()
         await self.registry.aclose()
         for backend in self.backends:
@@ -363,7 +366,10 @@ async def _data_plane(
     interceptors: list[grpc.aio.ServerInterceptor] = [
         InterceptorChain(chain, by_prefix={ADMIN_METHOD_PREFIX: admin_layers})
     ]
-    return Application(catalog, registry, states, servicer, interceptors, tuple(backends), metrics, control, known)
+    quota_layers = tuple(layer for layer in chain if isinstance(layer, QuotaInterceptor))
+    return Application(
+        catalog, registry, states, servicer, interceptors, tuple(backends), metrics, control, known, quota_layers
+    )
 
 
 @dataclass
