@@ -46,7 +46,7 @@ fuzz: setup ## the hostile-input suite, long (FUZZ_EXAMPLES=3000: ~11 min on 2 c
 	  $(BIN)/pytest -q -s --timeout=0 -p no:cacheprovider tests/test_hostile_inputs.py
 
 coverage: setup ## the test suite with line and branch coverage, per package (writes .coverage; htmlcov/ with HTML=1)
-	$(BIN)/pytest -q --cov --cov-report= $(if $(HTML),--cov-report=html)
+	$(BIN)/pytest -q -n $(or $(TEST_WORKERS),2) --cov --cov-report= $(if $(HTML),--cov-report=html)
 	$(BIN)/python tools/coverage_by_package.py
 
 lint: setup buf-lint proto-check check-rules ## ruff, ruff format --check, mypy, hadolint, buf lint, stub drift check, alert rules

@@ -11,6 +11,7 @@ test servicer with it.
 from __future__ import annotations
 
 import os
+import random
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -185,12 +186,57 @@ async def collect(call: Any) -> list[pb.ChatStreamResponse]:
     return [message async for message in call]
 
 
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
+# Tests that start gateway processes (`python -m llm_gateway_server`: about a second of CPU each for
+# its imports) and time what those processes do: under pytest-xdist (`make test`: `-n 2 --dist
+# loadgroup`) they all run on one worker, one at a time, beside the other worker's in-process tests,
+# rather than two such process starts at once on two cores.
+GATEWAY_PROCESSES = pytest.mark.xdist_group("gateway_processes")
+
+_PORT_BLOCK = 1000  # ports per pytest process (the xdist controller or a worker)
+_PORTS_FROM = 20000  # below the kernel's ephemeral range (32768-60999 by default)
+_handed_out: set[int] = set()
+_port_rng = random.Random()  # its own generator: hypothesis seeds the global one in examples
+
+
+def _port_block() -> range:
+    """This process's ports for `free_port`: outside the ephemeral range (bind(0) and outgoing
+    connections never take them), one block per xdist worker (`gw0` → the second block; no xdist →
+    the first), so parallel workers never hand out the same port. Falls back to the whole range
+    below the ephemeral one if that is too small for blocks (empty if there is none: `free_port`
+    then takes the kernel's bind(0) choice)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as file:
+            ephemeral_low = int(file.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    slot = int(worker[2:]) + 1 if worker.startswith("gw") and worker[2:].isdigit() else 0
+    blocks = (ephemeral_low - _PORTS_FROM) // _PORT_BLOCK
+    if blocks < 2:
+        return range(1024, ephemeral_low) if ephemeral_low > 2048 else range(0)
+    start = _PORTS_FROM + (slot % blocks) * _PORT_BLOCK
+    return range(start, start + _PORT_BLOCK)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host`, for a server that binds it later (a subprocess, a metrics
+    endpoint). Taken at random from this process's block (`_port_block`) and never handed out twice
+    in one process: a port from bind(0) could be taken by an outgoing connection or another xdist
+    worker's bind(0) before its server binds it."""
     import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+    candidates = [p for p in _port_block() if p not in _handed_out]
+    _port_rng.shuffle(candidates)
+    for port in candidates[:200]:
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket() as sock:  # no block (an unusual ephemeral range): the kernel's choice
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 

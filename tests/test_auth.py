@@ -38,6 +38,7 @@ from llm_gateway_server.transport.call_record import CallRecord, current_call
 from llm_gateway_server.transport.server import start_grpc
 
 from .conftest import (
+    GATEWAY_PROCESSES,
     OPENAI_TEST_KEY,
     Gateway,
     GatewayFactory,
@@ -165,6 +166,7 @@ def test_hash_key_command() -> None:
     assert result.stdout.strip() == hash_key(GOOD)
 
 
+@GATEWAY_PROCESSES
 async def test_no_log_line_contains_a_gateway_or_provider_key(openai_upstream: OpenAIEmulator, tmp_path: Path) -> None:
     port = free_port()
     config = tmp_path / "gateway.yaml"

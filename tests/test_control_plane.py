@@ -29,6 +29,7 @@ from llm_gateway.v1 import llm_gateway_pb2 as pb
 from llm_gateway.v1 import llm_gateway_pb2_grpc as pb_grpc
 
 from .conftest import (
+    GATEWAY_PROCESSES,
     GatewayFactory,
     PostgresSchema,
     RedisServer,
@@ -237,6 +238,7 @@ async def two_gateways(
         await b.close()
 
 
+@GATEWAY_PROCESSES
 async def test_two_processes_revocation_reaches_the_other_within_a_second(
     two_gateways: tuple[Served, Served],
 ) -> None:
@@ -259,6 +261,7 @@ async def test_two_processes_revocation_reaches_the_other_within_a_second(
     assert took < 1.0
 
 
+@GATEWAY_PROCESSES
 async def test_two_processes_share_one_budget(two_gateways: tuple[Served, Served]) -> None:
     """A key with a budget of B USD used through both gateways at once: the admitted calls' total
     cost stays within B plus one call's maximum cost, and every refusal is BUDGET_EXCEEDED."""
@@ -321,6 +324,7 @@ async def _code(call: Any) -> grpc.StatusCode:
 # --------------------------------------------------------------------------------- --workers
 
 
+@GATEWAY_PROCESSES
 def test_workers_refuse_limits_without_redis(tmp_path: Path) -> None:
     env = {**os.environ, "LLM_GATEWAY_METRICS_PORT": "0", "LLM_GATEWAY_RATE_LIMITS__DEFAULT_RPM": "60"}
     env.pop("REDIS_URL", None)
@@ -337,6 +341,7 @@ def test_workers_refuse_limits_without_redis(tmp_path: Path) -> None:
     assert len(lines) == 1 and "no Redis" in lines[0] and "--workers" in lines[0], result.stderr
 
 
+@GATEWAY_PROCESSES
 def test_workers_refuse_budgets_in_the_database_without_redis(tmp_path: Path) -> None:
     from llm_gateway_server.config import StoreSettings
     from llm_gateway_server.store.sql import open_store

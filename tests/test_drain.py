@@ -19,8 +19,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llm_gateway.v1 import llm_gateway_pb2_grpc as pb_grpc
 
-from .conftest import chat, chat_stream, free_port
+from .conftest import GATEWAY_PROCESSES, chat, chat_stream, free_port
 from .emulators.openai_server import OpenAIEmulator
+
+pytestmark = GATEWAY_PROCESSES
 
 PRESTOP_S = 1.0
 GRACE_S = 5.0

@@ -78,6 +78,10 @@ from .conftest import OPENAI_TEST_KEY, free_port
 from .emulators.ollama_server import OllamaEmulator
 from .emulators.openai_server import OpenAIEmulator
 
+# Under pytest-xdist (`make test`: `-n 2 --dist loadgroup`) the whole module runs on one worker: one
+# gateway for all its tests (the module fixture), and `test_zz_no_violations_seen` sees them all.
+pytestmark = pytest.mark.xdist_group("hostile_inputs")
+
 EXAMPLES = int(os.environ.get("LLM_GATEWAY_FUZZ_EXAMPLES", "120"))
 CALL_TIMEOUT_S = float(os.environ.get("LLM_GATEWAY_FUZZ_CALL_TIMEOUT_S", "5"))
 # Set: a property violation is recorded and the run goes on (every kind gets found in one long

@@ -23,7 +23,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,8 @@ import pytest
 import yaml
 
 from llm_gateway_server.config import load_settings
+
+from .conftest import GATEWAY_PROCESSES, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -539,12 +540,6 @@ def test_compose_gateway_settings_load() -> None:
 # --------------------------------------------------- the image's install and start, outside Docker
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("0.0.0.0", 0))
-        return int(sock.getsockname()[1])
-
-
 def _listening_addresses(port: int) -> set[str]:
     """Local addresses (hex, as /proc/net/tcp{,6} print them) with a LISTEN socket on port."""
     found = set()
@@ -613,7 +608,7 @@ def _start_like_the_image(
     env["LLM_GATEWAY_DATA_DIR"] = str(data_dir)
     env.update({name: host_env[name] for name in run.env if name in host_env})
     env.update({name: value for name, value in host_env.items() if name.startswith("LLM_GATEWAY_")})
-    grpc_port, metrics_port = _free_port(), _free_port()
+    grpc_port, metrics_port = free_port("0.0.0.0"), free_port("0.0.0.0")
     env.update(LLM_GATEWAY_PORT=str(grpc_port), LLM_GATEWAY_METRICS_PORT=str(metrics_port))
     # -v SOURCE:TARGET:ro: the file at TARGET under root; container paths in the arguments follow.
     args = list(run.args)
@@ -693,6 +688,7 @@ def _host_env(upstream: str) -> dict[str, str]:
     }
 
 
+@GATEWAY_PROCESSES
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
 def test_image_start_outside_docker(tmp_path: Path) -> None:
     """ENV + ENTRYPOINT + the README's arguments and mount, with the test virtualenv as /opt/venv."""

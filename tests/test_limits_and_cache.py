@@ -24,6 +24,7 @@ from llm_gateway.v1 import llm_gateway_pb2_grpc as pb_grpc
 from llm_gateway_server.interceptors.auth import hash_key
 
 from .conftest import (
+    GATEWAY_PROCESSES,
     Gateway,
     GatewayFactory,
     RedisServer,
@@ -269,6 +270,7 @@ async def two_processes(
         process.wait(timeout=20)
 
 
+@GATEWAY_PROCESSES
 async def test_limit_is_exact_across_two_processes(two_processes: list[str], openai_upstream: OpenAIEmulator) -> None:
     _wait_for_fresh_window(margin_s=10)
     channels = [grpc.aio.insecure_channel(target) for target in two_processes]
@@ -285,6 +287,7 @@ async def test_limit_is_exact_across_two_processes(two_processes: list[str], ope
         await channel.close()
 
 
+@GATEWAY_PROCESSES
 async def test_cache_is_shared_across_two_processes(two_processes: list[str], openai_upstream: OpenAIEmulator) -> None:
     _wait_for_fresh_window()
     async with grpc.aio.insecure_channel(two_processes[0]) as a, grpc.aio.insecure_channel(two_processes[1]) as b:

@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llm_gateway.v1 import llm_gateway_pb2_grpc as pb_grpc
 
-from .conftest import chat, free_port
+from .conftest import GATEWAY_PROCESSES, chat, free_port
 from .test_workers import (
     START_TIMEOUT_S,
     _env,
@@ -41,7 +41,7 @@ from .test_workers import (
     workers_by_index,
 )
 
-pytestmark = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+pytestmark = [pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc"), GATEWAY_PROCESSES]
 
 CALLS = 24  # all on one worker by chance: 2 * 2**-24
 REPO = Path(__file__).resolve().parents[1]

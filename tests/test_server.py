@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from llm_gateway.v1 import llm_gateway_pb2_grpc as pb_grpc
 from llm_gateway_server.config import ConfigError, load_settings
 from llm_gateway_server.providers.registry import provider_config
 
-from .conftest import OPENAI_TEST_KEY, Gateway, GatewayFactory, chat
+from .conftest import GATEWAY_PROCESSES, OPENAI_TEST_KEY, Gateway, GatewayFactory, chat, free_port
 from .emulators.openai_server import OpenAIEmulator
 
 SERVICE = "llm_gateway.v1.LLMGatewayService"
@@ -110,19 +109,14 @@ async def test_drain_sets_not_serving_and_finishes_in_flight_calls(
     await stopping
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _gateway_env(extra: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "OLLAMA_", "LLM_GATEWAY_"))}
     return {**env, "LLM_GATEWAY_METRICS_PORT": "0", **extra}
 
 
+@GATEWAY_PROCESSES
 async def test_cli_serves_from_env_and_drains_on_sigterm(openai_upstream: OpenAIEmulator) -> None:
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(  # noqa: ASYNC220 - a real process, so SIGTERM reaches the real signal handler
         [sys.executable, "-m", "llm_gateway_server", "serve", "--port", str(port)],
         env=_gateway_env({"OPENAI_API_KEY": OPENAI_TEST_KEY, "OPENAI_BASE_URL": openai_upstream.base_url}),
@@ -145,6 +139,7 @@ async def test_cli_serves_from_env_and_drains_on_sigterm(openai_upstream: OpenAI
     assert OPENAI_TEST_KEY not in output
 
 
+@GATEWAY_PROCESSES
 def test_cli_reports_invalid_config_clearly(tmp_path: Path) -> None:
     config = tmp_path / "gateway.yaml"
     config.write_text("port: not-a-number\nproviders:\n  - name: Bad Name\n    kind: azure\n")

@@ -29,7 +29,7 @@ from llm_gateway_client.client import channel_credentials
 from llm_gateway_server.config import ConfigError, TlsSettings, load_settings
 from llm_gateway_server.transport.tls import server_tls
 
-from .conftest import OPENAI_TEST_KEY, Gateway, GatewayFactory, chat, free_port
+from .conftest import GATEWAY_PROCESSES, OPENAI_TEST_KEY, Gateway, GatewayFactory, chat, free_port
 from .emulators.openai_server import OpenAIEmulator
 
 # Every PEM file is padded to this size, so that a rewrite can keep size, inode and mtime (a
@@ -225,6 +225,7 @@ async def test_a_broken_rotation_keeps_the_previous_certificate(
     assert tls.reloads == 1
 
 
+@GATEWAY_PROCESSES
 async def test_sighup_reloads_the_certificate_in_a_served_process(openai_upstream: OpenAIEmulator, pki: Pki) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "OLLAMA_", "LLM_GATEWAY_"))}
