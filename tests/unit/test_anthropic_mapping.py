@@ -62,20 +62,21 @@ def _user(*blocks: dict[str, Any]) -> dict[str, Any]:
     return {"role": "user", "content": list(blocks)}
 
 
-def _sdk_message(content: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> anthropic.types.Message:
-    """A response as the SDK parses it from the wire (reference §3.3)."""
-    return anthropic.types.Message.model_validate(
-        {
-            "id": "msg_013Zva2CMHLNnXjNJJKqJ2EF",
-            "type": "message",
-            "role": "assistant",
-            "model": "claude-sonnet-4-20250514",
-            "content": content,
-            "stop_reason": "end_turn",
-            "stop_sequence": None,
-            "usage": usage or {"input_tokens": 1, "output_tokens": 1},
-        }
-    )
+def _message(content: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A response as it comes over the wire (reference §3.3), checked against the SDK's own model
+    of a Message so that the shape stays the real one."""
+    message = {
+        "id": "msg_013Zva2CMHLNnXjNJJKqJ2EF",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-sonnet-4-20250514",
+        "content": content,
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": usage or {"input_tokens": 1, "output_tokens": 1},
+    }
+    anthropic.types.Message.model_validate(message)
+    return message
 
 
 # --- request: messages -----------------------------------------------------------------------
@@ -493,8 +494,7 @@ def test_finish_reason(raw: str | None, expected: FinishReason) -> None:
     ],
 )
 def test_usage_from_wire(usage: dict[str, Any], output_tokens: int | None, expected: Usage) -> None:
-    sdk_usage = anthropic.types.Usage.model_validate(usage)
-    assert am.usage_from_wire(sdk_usage, output_tokens) == expected
+    assert am.usage_from_wire(usage, output_tokens) == expected
 
 
 # --- response: content -----------------------------------------------------------------------
@@ -541,11 +541,35 @@ def test_usage_from_wire(usage: dict[str, Any], output_tokens: int | None, expec
     ],
 )
 def test_content_from_wire(content: list[dict[str, Any]], expected: tuple[str, tuple[ToolCall, ...]]) -> None:
-    assert am.content_from_wire(_sdk_message(content).content) == expected
+    assert am.content_from_wire(content) == expected
 
 
 def test_content_from_wire_none() -> None:
     assert am.content_from_wire(None) == ("", ())
+
+
+def test_message_from_wire() -> None:
+    content = [_text("Hi"), {"type": "tool_use", "id": "t1", "name": "f", "input": {"a": 1}}]
+    message = {**_message(content, {"input_tokens": 7, "output_tokens": 3}), "stop_reason": "tool_use"}
+    result = am.message_from_wire(message, "fallback-model")
+    assert result.model == "claude-sonnet-4-20250514"
+    assert (result.text, result.tool_calls) == ("Hi", (ToolCall("t1", "f", '{"a":1}'),))
+    assert (result.finish_reason, result.provider_finish_reason) == (FinishReason.TOOL_CALLS, "tool_use")
+    assert result.usage == Usage(7, 3)
+    assert result.response_id == "msg_013Zva2CMHLNnXjNJJKqJ2EF"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param([], id="not-an-object"),
+        pytest.param({"content": [{"type": "text"}]}, id="text-block-without-text"),
+        pytest.param({"content": [{"type": "tool_use", "name": "f"}]}, id="tool-use-without-id"),
+    ],
+)
+def test_message_from_wire_refuses_malformed_answers(body: Any) -> None:
+    with pytest.raises((TypeError, KeyError)):
+        am.message_from_wire(body, "m")
 
 
 # --- errors ----------------------------------------------------------------------------------

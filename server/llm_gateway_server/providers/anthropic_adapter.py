@@ -1,14 +1,16 @@
-"""Anthropic on the official `anthropic` SDK (2.x: API version 2026-10-21; httpx2 interface over an
-aiohttp transport by default, see `sdk_http`).
+"""Anthropic: the official `anthropic` SDK (2.x: API version 2026-10-21) for configuration and the
+off-hot-path endpoints (token counting, model list), `direct_http` for the hot path.
 
-One `AsyncAnthropic` client per configured provider, reused, `max_retries=0`. Each call passes
-`timeout=` from the caller's remaining deadline (which also skips the SDK's client-side refusal of
-large non-streamed `max_tokens`); cancelling the awaiting task closes the upstream request.
+One `AsyncAnthropic` client per configured provider, created at start-up, `max_retries=0`: its base
+URL, auth and default headers (including `anthropic-version`) are what chat and streamed chat send
+on the provider's pooled session. Each call's timeout is the caller's remaining deadline;
+cancelling the awaiting task closes the upstream connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from types import ModuleType
 from typing import Any, ClassVar
@@ -32,10 +34,12 @@ from ..domain import (
 from ..errors import GatewayError, capability_not_supported
 from . import anthropic_mapping, errors
 from .base import Provider, ProviderConfig, ProviderSpec
+from .direct_http import sse_data
 from .sdk_http import sdk_http_client
 from .stainless_errors import SdkCalls
 
 MODELS_PAGE_SIZE = 100
+MESSAGES_PATH = "v1/messages"
 _ANTHROPIC_CAPABILITIES = frozenset(
     {Capability.CHAT, Capability.STREAMING, Capability.TOOLS, Capability.VISION, Capability.JSON_MODE}
 )
@@ -70,56 +74,59 @@ class AnthropicProvider(SdkCalls, Provider):
         return anthropic_mapping.chat_warnings(request)
 
     async def chat(self, request: ChatRequest, model: str, timeout_s: float) -> ProviderChatResult:
-        """Non-streamed chat; see `Provider.chat`."""
+        """Non-streamed chat (`POST /v1/messages`) on the pooled session; see `Provider.chat`."""
         params = anthropic_mapping.chat_params(request, model)
-        message = await self._call(model, timeout_s, lambda: self._client.messages.create(**params, timeout=timeout_s))
-        text, calls = anthropic_mapping.content_from_wire(message.content)
-        return ProviderChatResult(
-            model=message.model or model,
-            text=text,
-            tool_calls=calls,
-            finish_reason=anthropic_mapping.finish_reason(message.stop_reason),
-            provider_finish_reason=message.stop_reason or "",
-            usage=anthropic_mapping.usage_from_wire(message.usage),
-            response_id=message.id or "",
-        )
+        data = await self._http.post_json(MESSAGES_PATH, params, model, timeout_s)
+        try:
+            return anthropic_mapping.message_from_wire(data, model)
+        except (TypeError, KeyError, ValueError) as exc:
+            raise errors.bad_response(self.name, model, f"{type(exc).__name__}: {exc}") from exc
 
     async def chat_stream(
         self, request: ChatRequest, model: str, timeout_s: float
     ) -> AsyncIterator[ProviderStreamEvent]:
         """Streamed chat from the SSE event sequence (message_start, content_block_*, message_delta,
-        message_stop); see `Provider.chat_stream`."""
+        message_stop; an `error` event is an upstream error) on the pooled session; see
+        `Provider.chat_stream`."""
         params = anthropic_mapping.chat_params(request, model)
-        stream = await self._call(
-            model, timeout_s, lambda: self._client.messages.create(**params, stream=True, timeout=timeout_s)
-        )
-        start_usage: Any = None
+        params["stream"] = True
+        response = await self._http.open_stream(MESSAGES_PATH, params, model, timeout_s)
+        start_usage: object = None
         answered_model, response_id = model, ""
         stop_reason: str | None = None
         output_tokens: int | None = None
         call_index_by_block: dict[int, int] = {}
+        complete = False
         try:
-            async for event in stream:
-                kind = event.type
-                if kind == "message_start":
-                    start_usage = event.message.usage
-                    answered_model = event.message.model or model
-                    response_id = event.message.id or ""
-                elif kind == "content_block_start" and event.content_block.type == "tool_use":
-                    ordinal = call_index_by_block.setdefault(event.index, len(call_index_by_block))
-                    block = event.content_block
-                    yield ChatDelta(tool_calls=(ToolCallDelta(index=ordinal, id=block.id, name=block.name),))
-                elif kind == "content_block_delta":
-                    delta = event.delta
-                    if delta.type == "text_delta" and delta.text:
-                        yield ChatDelta(text=delta.text)
-                    elif delta.type == "input_json_delta" and delta.partial_json:
-                        ordinal = call_index_by_block.setdefault(event.index, len(call_index_by_block))
-                        yield ChatDelta(tool_calls=(ToolCallDelta(index=ordinal, arguments=delta.partial_json),))
+            async for data in sse_data(response):
+                event = json.loads(data)
+                kind = event.get("type") if isinstance(event, dict) else None
+                if kind == "content_block_delta":
+                    delta = event["delta"]
+                    delta_type = delta.get("type")
+                    if delta_type == "text_delta" and delta.get("text"):
+                        yield ChatDelta(text=str(delta["text"]))
+                    elif delta_type == "input_json_delta" and delta.get("partial_json"):
+                        ordinal = call_index_by_block.setdefault(event["index"], len(call_index_by_block))
+                        arguments = str(delta["partial_json"])
+                        yield ChatDelta(tool_calls=(ToolCallDelta(index=ordinal, arguments=arguments),))
+                elif kind == "message_start":
+                    message = event["message"]
+                    start_usage = message.get("usage")
+                    answered_model = str(message.get("model") or model)
+                    response_id = str(message.get("id") or "")
+                elif kind == "content_block_start":
+                    block = event["content_block"]
+                    if block.get("type") == "tool_use":
+                        ordinal = call_index_by_block.setdefault(event["index"], len(call_index_by_block))
+                        yield ChatDelta(
+                            tool_calls=(ToolCallDelta(index=ordinal, id=str(block["id"]), name=str(block["name"])),)
+                        )
                 elif kind == "message_delta":
-                    stop_reason = event.delta.stop_reason or stop_reason
-                    output_tokens = int(event.usage.output_tokens or 0)
+                    stop_reason = event["delta"].get("stop_reason") or stop_reason
+                    output_tokens = int((event.get("usage") or {}).get("output_tokens") or 0)
                 elif kind == "message_stop":
+                    complete = True
                     if stop_reason is None:
                         raise errors.bad_response(self.name, model, "message_stop without a stop_reason")
                     usage = anthropic_mapping.usage_from_wire(start_usage, output_tokens) if start_usage else None
@@ -131,12 +138,17 @@ class AnthropicProvider(SdkCalls, Provider):
                         response_id=response_id,
                     )
                     return
+                elif kind == "error":
+                    message_text, code = anthropic_mapping.error_fields(event)
+                    raise errors.from_http_status(self.name, model, -1, message_text, upstream_code=code)
+                elif kind is None:
+                    raise errors.bad_response(self.name, model, "a stream event is not a JSON object with a type")
         except GatewayError:
             raise
-        except Exception as exc:
-            raise self._map(exc, model, timeout_s) from exc
+        except Exception as exc:  # the connection's and the JSON parser's errors, mapped in one place
+            raise self._http.map_error(exc, model, timeout_s) from exc
         finally:
-            await stream.close()
+            await self._http.end_stream(response, complete=complete)
         raise errors.bad_response(self.name, model, "the stream ended before message_stop")
 
     async def embed(
@@ -182,10 +194,6 @@ class AnthropicProvider(SdkCalls, Provider):
             raise errors.upstream_timeout(self.name, "", timeout_s) from exc
         except Exception as exc:
             raise self._map(exc, "", timeout_s) from exc
-
-    async def aclose(self) -> None:
-        """Closes the client's connection pool."""
-        await self._client.close()
 
 
 SPEC = ProviderSpec(

@@ -15,7 +15,18 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from ..domain import ChatRequest, FinishReason, ImagePart, Message, OptionWarning, Role, TextPart, ToolCall, Usage
+from ..domain import (
+    ChatRequest,
+    FinishReason,
+    ImagePart,
+    Message,
+    OptionWarning,
+    ProviderChatResult,
+    Role,
+    TextPart,
+    ToolCall,
+    Usage,
+)
 
 # Used when neither the request nor the catalog gives an output limit (Anthropic requires one).
 DEFAULT_MAX_TOKENS = 4096
@@ -116,7 +127,7 @@ def chat_warnings(request: ChatRequest) -> tuple[OptionWarning, ...]:
 
 
 def chat_params(request: ChatRequest, model: str) -> dict[str, Any]:
-    """Keyword arguments of `messages.create` (see `chat_warnings` for what it drops)."""
+    """The Messages request body, without `stream` (see `chat_warnings` for what it drops)."""
     gen = request.generation
     system, messages = messages_to_wire(request.messages)
     params: dict[str, Any] = {
@@ -158,12 +169,20 @@ def chat_params(request: ChatRequest, model: str) -> dict[str, Any]:
     return params
 
 
-def usage_from_wire(usage: Any, output_tokens: int | None = None) -> Usage:
-    """Anthropic usage → Usage (input includes cache reads and writes)."""
-    cache_read = int(getattr(usage, "cache_read_input_tokens", 0) or 0)
-    cache_write = int(getattr(usage, "cache_creation_input_tokens", 0) or 0)
-    uncached = int(getattr(usage, "input_tokens", 0) or 0)
-    output = output_tokens if output_tokens is not None else int(getattr(usage, "output_tokens", 0) or 0)
+def _count(usage: Mapping[str, Any], field: str) -> int:
+    value = usage.get(field)
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
+
+
+def usage_from_wire(usage: object, output_tokens: int | None = None) -> Usage:
+    """Anthropic `usage` JSON (`input_tokens`, `output_tokens`, `cache_read_input_tokens`,
+    `cache_creation_input_tokens`; absent or null fields are 0) → Usage, whose input includes
+    cache reads and writes. `output_tokens`: the stream's `message_delta` count, which wins."""
+    fields: Mapping[str, Any] = usage if isinstance(usage, Mapping) else {}
+    cache_read = _count(fields, "cache_read_input_tokens")
+    cache_write = _count(fields, "cache_creation_input_tokens")
+    uncached = _count(fields, "input_tokens")
+    output = output_tokens if output_tokens is not None else _count(fields, "output_tokens")
     return Usage(
         input_tokens=uncached + cache_read + cache_write,
         output_tokens=output,
@@ -172,16 +191,44 @@ def usage_from_wire(usage: Any, output_tokens: int | None = None) -> Usage:
     )
 
 
-def content_from_wire(blocks: Any) -> tuple[str, tuple[ToolCall, ...]]:
-    """Response content blocks → (text, tool calls); other block kinds (thinking) are skipped."""
+def content_from_wire(blocks: object) -> tuple[str, tuple[ToolCall, ...]]:
+    """Response `content` blocks (JSON) → (text, tool calls); other block kinds (thinking,
+    redacted thinking) are skipped.
+
+    Raises:
+        TypeError / KeyError: a text or tool_use block without its fields (a bad response).
+    """
     text: list[str] = []
     calls: list[ToolCall] = []
-    for block in blocks or ():
-        if block.type == "text":
-            text.append(block.text)
-        elif block.type == "tool_use":
-            calls.append(ToolCall(block.id, block.name, json.dumps(block.input, separators=(",", ":"))))
+    for block in blocks if isinstance(blocks, list) else ():
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text":
+            text.append(str(block["text"]))
+        elif kind == "tool_use":
+            arguments = json.dumps(block.get("input") or {}, separators=(",", ":"))
+            calls.append(ToolCall(str(block["id"]), str(block["name"]), arguments))
     return "".join(text), tuple(calls)
+
+
+def message_from_wire(data: object, model: str) -> ProviderChatResult:
+    """A non-streamed Messages answer (JSON) → ProviderChatResult; `model` when it names none.
+
+    Raises:
+        TypeError / KeyError: not a message object (a bad response).
+    """
+    if not isinstance(data, dict):
+        raise TypeError("the answer is not a JSON object")
+    stop_reason = data.get("stop_reason")
+    text, calls = content_from_wire(data.get("content"))
+    return ProviderChatResult(
+        model=str(data.get("model") or model),
+        text=text,
+        tool_calls=calls,
+        finish_reason=finish_reason(stop_reason),
+        provider_finish_reason=str(stop_reason or ""),
+        usage=usage_from_wire(data.get("usage")),
+        response_id=str(data.get("id") or ""),
+    )
 
 
 def error_fields(body: object) -> tuple[str, str]:

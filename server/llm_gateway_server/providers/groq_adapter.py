@@ -29,8 +29,7 @@ class GroqProvider(OpenAIProvider):
 
     kind = "groq"
     supports_embeddings = False
-    _chat_path: ClassVar[str] = "/openai/v1/chat/completions"
-    _response_type: ClassVar[type] = httpx.Response
+    _chat_path: ClassVar[str] = "openai/v1/chat/completions"
 
     def _make_client(self, config: ProviderConfig) -> Any:
         import groq  # noqa: PLC0415 - imported only when configured

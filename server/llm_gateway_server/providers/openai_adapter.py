@@ -1,18 +1,19 @@
-"""OpenAI and OpenAI-compatible servers (vLLM, llama.cpp, LM Studio, Together, …) on the official
-`openai` SDK (3.x; httpx2 interface over an aiohttp transport by default, see `sdk_http`).
+"""OpenAI and OpenAI-compatible servers (vLLM, llama.cpp, LM Studio, Together, …): the official
+`openai` SDK (3.x) for configuration and the off-hot-path endpoints, `direct_http` for the hot path.
 
-One `AsyncOpenAI` client per configured provider, created at start-up and reused (connection
-pooling), with `max_retries=0`: the gateway owns retries. Each call passes `timeout=` from the
-caller's remaining deadline; cancelling the awaiting task closes the upstream HTTP request.
+One `AsyncOpenAI` client per configured provider, created at start-up, with `max_retries=0` (the
+gateway owns retries): its base URL, auth and default headers are what chat, streamed chat and
+embeddings send on the provider's pooled session (`DirectHttp`); its own HTTP client serves the
+model list. Each call's timeout is the caller's remaining deadline; cancelling the awaiting task
+closes the upstream connection.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from types import ModuleType
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import httpx2
 import openai
@@ -30,29 +31,14 @@ from ..domain import (
 from ..errors import GatewayError
 from . import errors, openai_mapping
 from .base import Provider, ProviderConfig, ProviderSpec
+from .direct_http import sse_data
 from .sdk_http import sdk_http_client
 from .stainless_errors import SdkCalls
-
-T = TypeVar("T")
 
 # Placeholder key for OpenAI-compatible servers that need none (the SDK refuses an empty key).
 NO_KEY_PLACEHOLDER = "no-key-configured"
 # Inputs per embeddings call. Source: OpenAI API reference, embeddings (max 2048 inputs per call).
 EMBED_BATCH_LIMIT = 2048
-
-
-# After `[DONE]`, how long the rest of the body may take to arrive (reading it to its end keeps the
-# HTTP/1.1 connection in the pool; a server that never ends the body only costs this wait).
-DRAIN_AFTER_DONE_S = 0.25
-
-
-async def _drain(lines: AsyncIterator[str]) -> None:
-    try:
-        async with asyncio.timeout(DRAIN_AFTER_DONE_S):
-            async for _ in lines:
-                pass
-    except TimeoutError:
-        pass
 
 
 class OpenAIProvider(SdkCalls, Provider):
@@ -67,10 +53,9 @@ class OpenAIProvider(SdkCalls, Provider):
     # The SDK module whose exception classes `_map` checks (the groq SDK mirrors openai's).
     _sdk: ModuleType = openai
     _wire: ClassVar[ModuleType] = openai_mapping
-    # Chat Completions path under the client's base URL, and the SDK's raw HTTP response class.
-    _chat_path: ClassVar[str] = "/chat/completions"
-    _embeddings_path: ClassVar[str] = "/embeddings"
-    _response_type: ClassVar[type] = httpx2.Response
+    # Chat Completions and embeddings paths under the client's base URL.
+    _chat_path: ClassVar[str] = "chat/completions"
+    _embeddings_path: ClassVar[str] = "embeddings"
 
     def _make_client(self, config: ProviderConfig) -> Any:
         return openai.AsyncOpenAI(
@@ -92,57 +77,31 @@ class OpenAIProvider(SdkCalls, Provider):
         return openai_mapping.chat_warnings(request)
 
     async def chat(self, request: ChatRequest, model: str, timeout_s: float) -> ProviderChatResult:
-        """Non-streamed chat; see `Provider.chat`. The hot path uses the SDK client's documented
-        low-level `post` (base URL, auth, headers, error statuses, timeout all from the SDK) with the
-        gateway's already-typed body, and reads the answer as JSON: this skips the SDK's per-call
-        parameter transformation and response-model construction (bench/NOTES.md)."""
+        """Non-streamed chat on the pooled session (`DirectHttp.post_json`); see `Provider.chat`."""
         params = self._chat_params(request, model, stream=False)
-        raw = await self._call(
-            model,
-            timeout_s,
-            lambda: self._client.post(
-                self._chat_path, body=params, cast_to=self._response_type, options={"timeout": timeout_s}
-            ),
-        )
+        data = await self._http.post_json(self._chat_path, params, model, timeout_s)
         try:
-            return openai_mapping.completion_from_wire(json.loads(raw.content), model)
-        except (ValueError, AttributeError, TypeError) as exc:
-            raise errors.bad_response(self.name, model, str(exc)) from exc
+            return openai_mapping.completion_from_wire(data, model)
+        except (ValueError, AttributeError, TypeError, KeyError) as exc:
+            raise errors.bad_response(self.name, model, f"{type(exc).__name__}: {exc}") from exc
 
     async def chat_stream(
         self, request: ChatRequest, model: str, timeout_s: float
     ) -> AsyncIterator[ProviderStreamEvent]:
-        """Streamed chat over SSE (`data: <json>` lines ending with `data: [DONE]`, reference §1.4);
-        see `Provider.chat_stream`. The SDK sends the request and raises for error statuses; the
-        events are parsed here as JSON (an `error` object inside the stream is an upstream error)."""
+        """Streamed chat over SSE (`data: <json>` events ending with `data: [DONE]`, reference
+        §1.4) on the pooled session; see `Provider.chat_stream`. An `error` object inside the
+        stream is an upstream error."""
         params = self._chat_params(request, model, stream=True)
-        # The documented low-level `post` with `stream=True` and the raw response type returns the
-        # unread HTTP response (error statuses already raised by the SDK); no per-call parameter
-        # transformation (bench/NOTES.md).
-        response = await self._call(
-            model,
-            timeout_s,
-            lambda: self._client.post(
-                self._chat_path,
-                body=params,
-                cast_to=self._response_type,
-                options={"timeout": timeout_s},
-                stream=True,
-                stream_cls=self._sdk.AsyncStream,
-            ),
-        )
+        response = await self._http.open_stream(self._chat_path, params, model, timeout_s)
         raw_reason: str | None = None
         usage: Usage | None = None
         response_id = ""
         answered_model = model
-        lines = response.aiter_lines()
+        complete = False
         try:
-            async for line in lines:
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data.startswith("[DONE]"):
-                    await _drain(lines)
+            async for data in sse_data(response):
+                if data.startswith(b"[DONE]"):
+                    complete = True
                     break
                 chunk = json.loads(data)
                 if not isinstance(chunk, dict):
@@ -163,10 +122,10 @@ class OpenAIProvider(SdkCalls, Provider):
                         raw_reason = choice["finish_reason"]
         except GatewayError:
             raise
-        except Exception as exc:  # the SDK's own and the HTTP client's errors, mapped in one place
-            raise self._map(exc, model, timeout_s) from exc
+        except Exception as exc:  # the connection's and the JSON parser's errors, mapped in one place
+            raise self._http.map_error(exc, model, timeout_s) from exc
         finally:
-            await response.aclose()
+            await self._http.end_stream(response, complete=complete)
         if raw_reason is None:
             raise errors.bad_response(self.name, model, "the stream ended before a finish reason")
         yield ProviderStreamEnd(
@@ -180,8 +139,8 @@ class OpenAIProvider(SdkCalls, Provider):
     async def embed(
         self, model: str, inputs: tuple[str, ...], dimensions: int | None, timeout_s: float
     ) -> ProviderEmbedResult:
-        """Embeddings in batches of `EMBED_BATCH_LIMIT` through the SDK client's `post`, asking
-        for `encoding_format: float` and reading the JSON answer; see `Provider.embed`."""
+        """Embeddings in batches of `EMBED_BATCH_LIMIT` on the pooled session, asking for
+        `encoding_format: float`; see `Provider.embed`."""
         vectors: list[tuple[float, ...]] = []
         input_tokens = 0
         answered_model = model
@@ -193,15 +152,8 @@ class OpenAIProvider(SdkCalls, Provider):
             }
             if dimensions is not None:
                 body["dimensions"] = dimensions
-            raw = await self._call(
-                model,
-                timeout_s,
-                lambda body=body: self._client.post(  # type: ignore[misc]
-                    self._embeddings_path, body=body, cast_to=self._response_type, options={"timeout": timeout_s}
-                ),
-            )
+            data = await self._http.post_json(self._embeddings_path, body, model, timeout_s)
             try:
-                data = json.loads(raw.content)
                 ordered = sorted(data["data"], key=lambda d: d["index"])
                 batch_vectors = [tuple(float(x) for x in d["embedding"]) for d in ordered]
                 usage = data.get("usage") or {}
@@ -220,10 +172,6 @@ class OpenAIProvider(SdkCalls, Provider):
         """Models from `GET /models` (Groq adds `context_window`, kept when present)."""
         page = await self._call("", timeout_s, lambda: self._client.models.list(timeout=timeout_s))
         return tuple(LiveModel(m.id, context_window=int(getattr(m, "context_window", 0) or 0)) for m in page.data)
-
-    async def aclose(self) -> None:
-        """Closes the client's connection pool."""
-        await self._client.close()
 
 
 SPEC = ProviderSpec(

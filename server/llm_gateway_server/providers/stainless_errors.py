@@ -1,5 +1,6 @@
-"""SDK exception → GatewayError for the Stainless-generated SDKs (openai, anthropic, groq), which
-share one exception hierarchy (`APIStatusError`, `APITimeoutError`, `APIConnectionError`,
+"""What the adapters on the Stainless-generated SDKs (openai, anthropic, groq) share: their pooled
+hot-path session (`SdkCalls`) and SDK exception → GatewayError, for SDKs which share one exception
+hierarchy (`APIStatusError`, `APITimeoutError`, `APIConnectionError`,
 `APIResponseValidationError`, `APIError`). Each adapter passes its SDK module and the function
 that reads its error body; the HTTP-status rows live in `providers.errors`."""
 
@@ -16,6 +17,8 @@ import httpx2
 
 from ..errors import GatewayError
 from . import errors
+from .base import ProviderConfig
+from .direct_http import DirectHttp
 
 ErrorFields = Callable[[object], tuple[str, str]]
 
@@ -83,13 +86,27 @@ def map_sdk_error(
 
 
 class SdkCalls:
-    """Mixin for adapters on a Stainless SDK: `_call` runs an SDK call and maps whatever it raises
-    with `map_sdk_error`. Subclasses set `name`, `_sdk` (the SDK module) and `_wire` (their wire
-    mapping module, whose `error_fields` reads the SDK's error bodies)."""
+    """Mixin for adapters on a Stainless SDK (listed before `Provider` in the bases): after
+    `Provider.__init__` made the SDK client, `_http` is the provider's pooled hot-path session with
+    that client's URL and headers (`DirectHttp`); `_call` runs an SDK call (off the hot path) and
+    maps whatever it raises with `map_sdk_error`; `aclose` closes both. Subclasses set `_sdk` (the
+    SDK module) and `_wire` (their wire mapping module, whose `error_fields` reads error bodies)."""
 
     name: str
+    _client: Any
     _sdk: ModuleType
     _wire: ClassVar[ModuleType]
+    _http: DirectHttp
+
+    def __init__(self, config: ProviderConfig) -> None:
+        super().__init__(config)  # type: ignore[call-arg]  # Provider.__init__, next in the MRO
+        fields = self._wire.error_fields
+        self._http = DirectHttp.from_sdk_client(self.name, self._client, config.max_connections, fields)
+
+    async def aclose(self) -> None:
+        """Closes the pooled session and the SDK client's connection pool."""
+        await self._http.aclose()
+        await self._client.close()
 
     async def _call(self, model: str, timeout_s: float, make: Callable[[], Awaitable[Any]]) -> Any:
         try:
