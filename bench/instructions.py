@@ -7,8 +7,9 @@ N calls and once with none; instructions per call = (difference) / N. Client-sid
 and is the same for every gateway scenario. Writes `bench/INSTRUCTIONS.md`.
 
 Scenarios: the bare grpc.aio floor (unary, 50-message stream), the gateway with its full chain
-(cache hit, unary miss, 50-chunk stream), the gateway without the chain, the gateway with the SDK
-on httpx, the adapter's SDK call alone and the same HTTP exchange with plain aiohttp.
+(cache hit, unary miss, 50-chunk stream), the gateway without the chain, the adapter's call alone
+(its pooled direct HTTP path), the same call through the official SDK's `chat.completions.create`,
+and the same HTTP exchange with plain aiohttp.
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ SCENARIOS: dict[str, tuple[int, str]] = {
     "hit": (40, "gateway, cache hit (full chain)"),
     "unary": (30, "gateway, unary chat, cache miss (full chain)"),
     "unary-bare": (30, "gateway, unary chat without auth, rate limit, cache and info logging"),
-    "unary-httpx": (30, "gateway, unary chat, full chain, SDK on its httpx transport"),
     "stream": (20, "gateway, streamed chat of 50 chunks (full chain, coalescing on)"),
-    "sdk": (40, "the OpenAI adapter's non-streamed call alone (official SDK, aiohttp transport)"),
+    "adapter": (40, "the OpenAI adapter's non-streamed call alone (pooled aiohttp session, direct_http)"),
+    "sdk": (40, "the same call with the official SDK: chat.completions.create (aiohttp transport)"),
     "raw": (40, "the same HTTP exchange with plain aiohttp + json (no SDK)"),
 }
 
@@ -93,9 +94,6 @@ async def _gateway(mode: str, n: int, base_url: str) -> None:
     if mode == "unary-bare":
         overrides.update(auth={"disabled": True}, log_level="warning")
         del overrides["rate_limits"], overrides["cache"]
-    if mode == "unary-httpx":
-        provider = {"name": "openai", "kind": "openai", "base_url": base_url, "api_key": "k", "http_client": "httpx"}
-        overrides["providers"] = [provider]
     running = await start_server(load_settings(environ=env, overrides=overrides), env)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
     stub = pb_grpc.LLMGatewayServiceStub(channel)
@@ -123,6 +121,7 @@ async def _gateway(mode: str, n: int, base_url: str) -> None:
 
 async def _adapter(mode: str, n: int, base_url: str) -> None:
     import aiohttp  # noqa: PLC0415
+    import openai  # noqa: PLC0415
 
     from llm_gateway.v1 import llm_gateway_pb2 as pb  # noqa: PLC0415
     from llm_gateway_server.providers.base import ProviderConfig  # noqa: PLC0415
@@ -134,11 +133,14 @@ async def _adapter(mode: str, n: int, base_url: str) -> None:
         pb.ChatRequest(model="bench", messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentPart(text="hi")])])
     )
     session = aiohttp.ClientSession()
+    sdk = openai.AsyncOpenAI(api_key="k", base_url=base_url, max_retries=0, http_client=openai.DefaultAioHttpClient())
     body = {"model": "bench", "messages": [{"role": "user", "content": "hi"}]}
 
     async def one() -> None:
-        if mode == "sdk":
+        if mode == "adapter":
             await provider.chat(request, "bench", 30)
+        elif mode == "sdk":
+            await sdk.chat.completions.create(model="bench", messages=[{"role": "user", "content": "hi"}], timeout=30)
         else:
             async with session.post(base_url + CHAT_PATH, json=body, headers={"Authorization": "Bearer k"}) as r:
                 json.loads(await r.read())
@@ -146,6 +148,7 @@ async def _adapter(mode: str, n: int, base_url: str) -> None:
     for _ in range(5 + n):
         await one()
     await provider.aclose()
+    await sdk.close()
     await session.close()
 
 
@@ -153,7 +156,7 @@ def worker(mode: str, n: int, base_url: str) -> None:
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - log lines are written (that is measured), not kept
     if mode.startswith("floor"):
         asyncio.run(_floor(mode, n))
-    elif mode in ("sdk", "raw"):
+    elif mode in ("adapter", "sdk", "raw"):
         asyncio.run(_adapter(mode, n, base_url))
     else:
         asyncio.run(_gateway(mode, n, base_url))

@@ -51,9 +51,11 @@ class ProviderSettings(BaseModel):
     `base_url`). `api_key` may be given directly or read from the environment variable named by
     `api_key_env`. `passthrough`: route models absent from the catalog here (default: true for
     an OpenAI-compatible server with a custom base_url, false otherwise). `http_client`: the HTTP
-    transport under the official SDK (openai, anthropic, groq): "aiohttp" (the SDKs' documented
-    `DefaultAioHttpClient`; cheaper per call and per streamed chunk, bench/NOTES.md) or
-    "httpx" (the SDKs' default). Ollama's SDK has only httpx.
+    transport under the official SDK client (openai, anthropic, groq), which serves the calls off
+    the hot path (model lists, token counting): "aiohttp" (the SDKs' documented
+    `DefaultAioHttpClient`) or "httpx" (the SDKs' default). Chat, streamed chat and embeddings
+    always go on the provider's pooled aiohttp session (`providers.direct_http`), at most
+    `max_connections` connections. Ollama's SDK has only httpx.
     """
 
     model_config = ConfigDict(extra="forbid")

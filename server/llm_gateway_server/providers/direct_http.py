@@ -11,9 +11,12 @@ counting) the SDK client itself is still used.
 
 Transport semantics follow what the SDKs' aiohttp transport did: per-operation timeouts
 (connect, socket read) of the call's remaining deadline, no redirects followed for POSTs, HTTP/1.1
-keep-alive with a bounded pool, `HTTPS_PROXY`/`NO_PROXY` and `.netrc` honoured (`trust_env`), and
-certificate verification by `httpx.create_ssl_context` (certifi, or `SSL_CERT_FILE` /
-`SSL_CERT_DIR`), built once per process and shared by every provider and SDK client. Upstream error
+keep-alive with a bounded pool, `HTTPS_PROXY` / `HTTP_PROXY` / `NO_PROXY` honoured (read once when
+the session is created, as the SDKs' clients read them once at construction: aiohttp's per-request
+`trust_env` lookup costs two thread hand-offs per call), no cookies kept (an upstream's cookie
+never reaches another tenant's call), and certificate verification by `httpx.create_ssl_context`
+(certifi, or `SSL_CERT_FILE` / `SSL_CERT_DIR`), built once per process and shared by every
+provider and SDK client. Upstream error
 statuses map through the shared status table (`providers.errors`); transport failures map to
 connection failures and timeouts there too.
 """
@@ -29,6 +32,8 @@ from typing import Any
 
 import aiohttp
 import httpx
+from aiohttp.helpers import get_env_proxy_for_url
+from yarl import URL
 
 from ..errors import GatewayError
 from . import errors
@@ -38,9 +43,11 @@ from . import errors
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 # Largest upstream error body read, bytes (the message is clipped to 500 characters anyway).
 MAX_ERROR_BODY_BYTES = 64 * 1024
-# aiohttp's read buffer; one line of a stream may be twice this long (512 KiB), longer is a bad
-# response rather than unbounded memory.
+# aiohttp's read buffer, bytes.
 READ_BUFFER_BYTES = 256 * 1024
+# Largest server-sent event of a stream, bytes (one chunk of JSON: a few hundred bytes usually, a
+# tool call's arguments at most); longer is a bad response rather than unbounded memory.
+MAX_SSE_EVENT_BYTES = 1024 * 1024
 # Idle pooled connections are closed after this long, seconds (httpx's default keep-alive expiry,
 # which the SDKs' clients used).
 KEEPALIVE_S = 5.0
@@ -95,6 +102,8 @@ class DirectHttp:
         self._max_connections = max_connections
         self._error_fields = error_fields
         self._session: aiohttp.ClientSession | None = None
+        self._proxy: URL | None = None
+        self._proxy_auth: aiohttp.BasicAuth | None = None
 
     @classmethod
     def from_sdk_client(cls, provider: str, client: Any, max_connections: int, error_fields: ErrorFields) -> DirectHttp:
@@ -115,8 +124,9 @@ class DirectHttp:
                 limit=self._max_connections, keepalive_timeout=KEEPALIVE_S, ssl=shared_ssl_context()
             )
             session = self._session = aiohttp.ClientSession(
-                connector=connector, trust_env=True, read_bufsize=READ_BUFFER_BYTES
+                connector=connector, read_bufsize=READ_BUFFER_BYTES, cookie_jar=aiohttp.DummyCookieJar()
             )
+            self._proxy, self._proxy_auth = environment_proxy(self.base_url)
         return session
 
     async def _send(self, path: str, body: Mapping[str, Any], timeout_s: float) -> aiohttp.ClientResponse:
@@ -127,6 +137,8 @@ class DirectHttp:
             headers=self.headers,
             timeout=timeout,
             allow_redirects=False,
+            proxy=self._proxy,
+            proxy_auth=self._proxy_auth,
         )
 
     async def post_json(self, path: str, body: Mapping[str, Any], model: str, timeout_s: float) -> Any:
@@ -238,6 +250,16 @@ class DirectHttp:
             self._session = None
 
 
+def environment_proxy(url: str) -> tuple[URL | None, aiohttp.BasicAuth | None]:
+    """The proxy the environment names for `url` (`HTTPS_PROXY` / `HTTP_PROXY` by its scheme,
+    unless `NO_PROXY` exempts its host; credentials from the proxy URL or `.netrc`), or (None,
+    None): aiohttp's own `trust_env` rule, applied once."""
+    try:
+        return get_env_proxy_for_url(URL(url))
+    except LookupError:
+        return None, None
+
+
 async def _read_bounded(response: aiohttp.ClientResponse, limit: int, *, truncate: bool = False) -> bytes:
     """The whole body, at most `limit` bytes: longer is PROVIDER_BAD_RESPONSE (a ValueError here,
     mapped by the caller), or with `truncate` its first `limit` bytes."""
@@ -260,22 +282,42 @@ async def _read_bounded(response: aiohttp.ClientResponse, limit: int, *, truncat
 
 async def sse_data(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
     """The `data` of each server-sent event of a stream (text/event-stream: lines of `field:
-    value`, an event ends at a blank line, several `data` lines join with newlines; `event`, `id`,
-    `retry` and comments are skipped — every provider here repeats the event type in its JSON).
+    value` ending in LF or CRLF, an event ends at a blank line, several `data` lines join with
+    LF; `event`, `id`, `retry` and comments are skipped: every provider here repeats the event
+    type in its JSON). The body is read as it arrives, chunk by chunk, and split here: one read
+    per network chunk, not two line reads per event.
 
     Raises:
-        ValueError: a line longer than twice `READ_BUFFER_BYTES` (aiohttp's "Chunk too big").
+        ValueError: one event longer than `MAX_SSE_EVENT_BYTES` (a bad response, not unbounded
+            memory).
         aiohttp.ClientError: the connection dropped.
     """
-    pending: list[bytes] = []
-    async for raw in response.content:
-        line = raw.rstrip(b"\r\n")
-        if not line:
-            if pending:
-                yield pending[0] if len(pending) == 1 else b"\n".join(pending)
-                pending = []
-        elif line.startswith(b"data:"):
-            value = line[5:]
-            pending.append(value[1:] if value.startswith(b" ") else value)
-    if pending:
-        yield b"\n".join(pending)
+    buffer = b""
+    async for chunk in response.content.iter_any():
+        buffer = (buffer + chunk) if buffer else chunk
+        if b"\r" in chunk:
+            buffer = buffer.replace(b"\r\n", b"\n")
+        if b"\n\n" not in buffer:
+            if len(buffer) > MAX_SSE_EVENT_BYTES:
+                raise ValueError(f"a stream event is longer than {MAX_SSE_EVENT_BYTES} bytes")
+            continue
+        *events, buffer = buffer.split(b"\n\n")
+        for event in events:
+            data = _event_data(event)
+            if data is not None:
+                yield data
+    if buffer.strip():
+        data = _event_data(buffer.rstrip(b"\n"))
+        if data is not None:
+            yield data
+
+
+def _event_data(event: bytes) -> bytes | None:
+    """The joined `data` lines of one event's text (no blank line in it), or None without any."""
+    if event.startswith(b"data:") and b"\n" not in event:  # the usual event: one data line
+        value = event[5:]
+        return value[1:] if value.startswith(b" ") else value
+    values = [
+        line[6:] if line.startswith(b"data: ") else line[5:] for line in event.split(b"\n") if line.startswith(b"data:")
+    ]
+    return b"\n".join(values) if values else None
