@@ -295,7 +295,7 @@ async def sse_data(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
     buffer = b""
     async for chunk in response.content.iter_any():
         buffer = (buffer + chunk) if buffer else chunk
-        if b"\r" in chunk:
+        if b"\r" in buffer:  # the buffer's: a CRLF may be split between two chunks
             buffer = buffer.replace(b"\r\n", b"\n")
         if b"\n\n" not in buffer:
             if len(buffer) > MAX_SSE_EVENT_BYTES:
@@ -303,6 +303,8 @@ async def sse_data(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
             continue
         *events, buffer = buffer.split(b"\n\n")
         for event in events:
+            if len(event) > MAX_SSE_EVENT_BYTES:
+                raise ValueError(f"a stream event is longer than {MAX_SSE_EVENT_BYTES} bytes")
             data = _event_data(event)
             if data is not None:
                 yield data
