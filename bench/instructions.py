@@ -31,6 +31,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "bench-key-0123456789"
 CHAT_PATH = "/chat/completions"
+# The event loop a worker runs ("asyncio" or "uvloop"), passed in its environment.
+LOOP_ENV = "LLM_GATEWAY_BENCH_LOOP"
+LOOPS = ("uvloop", "asyncio")
 # scenario → (calls per measured run, what it is)
 SCENARIOS: dict[str, tuple[int, str]] = {
     "floor-unary": (40, "bare grpc.aio unary call (client + server, bytes, no protobuf)"),
@@ -90,6 +93,10 @@ async def _gateway(mode: str, n: int, base_url: str) -> None:
         "auth": {"keys": [{"id": "bench", "key_sha256": hash_key(KEY)}]},
         "rate_limits": {"default_rpm": 100_000_000, "default_tpm": 1_000_000_000},
         "cache": {"enabled": True},
+        # Under valgrind a call takes ~50× its normal time, so the ledger's once-a-second flush would
+        # write a batch every few calls; under load batches fill up (`batch_size`). One batch is
+        # written at stop instead, so each call carries its share of one batched write.
+        "ledger": {"flush_interval_s": 60, "batch_size": 100_000},
     }
     if mode == "unary-bare":
         overrides.update(auth={"disabled": True}, log_level="warning")
@@ -154,6 +161,10 @@ async def _adapter(mode: str, n: int, base_url: str) -> None:
 
 def worker(mode: str, n: int, base_url: str) -> None:
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - log lines are written (that is measured), not kept
+    if os.environ.get(LOOP_ENV) == "uvloop":
+        import uvloop  # noqa: PLC0415 - the event loop `llm-gateway serve` runs on by default
+
+        uvloop.install()
     if mode.startswith("floor"):
         asyncio.run(_floor(mode, n))
     elif mode in ("adapter", "sdk", "raw"):
@@ -165,8 +176,8 @@ def worker(mode: str, n: int, base_url: str) -> None:
 # --- driver side ----------------------------------------------------------------------------------
 
 
-def count(mode: str, n: int, base_url: str) -> int:
-    """Instructions of one worker run (valgrind's "Collected" total)."""
+def count(mode: str, n: int, base_url: str, loop: str) -> int:
+    """Instructions of one worker run on event loop `loop` (valgrind's "Collected" total)."""
     command = [
         shutil.which("valgrind") or "valgrind",
         "--tool=callgrind",
@@ -178,16 +189,17 @@ def count(mode: str, n: int, base_url: str) -> int:
         str(n),
         base_url,
     ]
-    out = subprocess.run(command, check=True, capture_output=True, text=True).stderr
+    env = {**os.environ, LOOP_ENV: loop}
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stderr
     match = re.search(r"Collected : (\d+)", out)
     if match is None:
         raise RuntimeError(f"no instruction count from valgrind for {mode}: {out[-500:]}")
     return int(match.group(1))
 
 
-def per_call(mode: str, base_url: str) -> float:
+def per_call(mode: str, base_url: str, loop: str) -> float:
     n = SCENARIOS[mode][0]
-    return (count(mode, n, base_url) - count(mode, 0, base_url)) / n
+    return (count(mode, n, base_url, loop) - count(mode, 0, base_url, loop)) / n
 
 
 def main() -> None:
@@ -195,11 +207,18 @@ def main() -> None:
     parser.add_argument("--worker", nargs=3, metavar=("MODE", "N", "BASE_URL"), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "INSTRUCTIONS.md")
     parser.add_argument("--only", help="comma-separated scenarios (default: all); prints, writes nothing")
+    parser.add_argument(
+        "--loops",
+        default=",".join(LOOPS),
+        help="comma-separated event loops of the measured process: uvloop (what `llm-gateway serve` runs"
+        " on by default) and asyncio (the loop of the figures before 2026-12-01)",
+    )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="valgrind runs at once")
     args = parser.parse_args()
     if args.worker:
         worker(args.worker[0], int(args.worker[1]), args.worker[2])
         return
+    loops = [loop for loop in args.loops.split(",") if loop in LOOPS]
     sys.path.insert(0, str(ROOT / "bench"))
     from run import free_port  # noqa: PLC0415
 
@@ -211,14 +230,16 @@ def main() -> None:
     base_url = f"http://127.0.0.1:{port}/v1"
     started = dt.datetime.now(dt.UTC)
     chosen = [m for m in (args.only.split(",") if args.only else SCENARIOS) if m in SCENARIOS]
+    runs = [(mode, loop) for loop in loops for mode in chosen]
     try:
         with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
-            counts = dict(zip(chosen, pool.map(lambda m: per_call(m, base_url), chosen), strict=True))
+            values = pool.map(lambda run: per_call(run[0], base_url, run[1]), runs)
+            counts: dict[tuple[str, str], float] = dict(zip(runs, values, strict=True))
     finally:
         upstream.terminate()
     if args.only:
-        for mode, value in counts.items():
-            print(f"{mode}: {value / 1e6:.3f} M instructions per call")
+        for (mode, loop), value in counts.items():
+            print(f"{mode} ({loop}): {value / 1e6:.3f} M instructions per call")
         return
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True, cwd=ROOT
@@ -230,12 +251,18 @@ def main() -> None:
         f"- date: {started.strftime('%Y-%m-%d %H:%M UTC')}, commit: {commit}, {valgrind},"
         f" Python {sys.version.split()[0]}",
         "- client and server in one process against bench/upstream.py; (run with N calls − run with none) / N",
+        "- the ledger writes one batch at stop (as under load, where batches fill up), not once a second of"
+        " valgrind's ~50× slower clock",
+        "- event loops: uvloop is what `llm-gateway serve` runs on by default (`event_loop`); asyncio is the"
+        " loop of the figures recorded before 2026-12-01",
         "",
-        "| scenario | instructions per call | vs unary chat |",
-        "|---|---|---|",
+        "| scenario | " + " | ".join(f"instructions per call, {loop}" for loop in loops) + " | vs unary chat |",
+        "|---|" + "---|" * len(loops) + "---|",
     ]
-    for mode, value in counts.items():
-        lines.append(f"| {SCENARIOS[mode][1]} | {value / 1e6:.2f} M | {value / counts['unary']:.2f} |")
+    for mode in chosen:
+        cells = " | ".join(f"{counts[(mode, loop)] / 1e6:.2f} M" for loop in loops)
+        ratio = counts[(mode, loops[0])] / counts[("unary", loops[0])]
+        lines.append(f"| {SCENARIOS[mode][1]} | {cells} | {ratio:.2f} |")
     args.out.write_text("\n".join(lines) + "\n")
     print(args.out.read_text())
 

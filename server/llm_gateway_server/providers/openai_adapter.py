@@ -111,7 +111,8 @@ class OpenAIProvider(SdkCalls, Provider):
                     raise errors.from_http_status(self.name, model, -1, message, upstream_code=code)
                 response_id = chunk.get("id") or response_id
                 answered_model = chunk.get("model") or answered_model
-                usage = self._chunk_usage(chunk) or usage
+                if chunk.get("usage") or chunk.get("x_groq"):  # most chunks carry `"usage": null` or none
+                    usage = self._chunk_usage(chunk) or usage
                 choices = chunk.get("choices")
                 if choices:
                     choice = choices[0]
