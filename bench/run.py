@@ -520,7 +520,8 @@ def worker_lines(one: dict[str, Any], two: dict[str, Any]) -> list[str]:
     return [
         f"Workers: `--workers 2` (limits and cache on Redis, which several workers need) served"
         f" {fmt(two['throughput'], 0)} calls/s at concurrency 50 against"
-        f" {fmt(one['throughput'], 0)} for one worker of the same configuration: {fmt(two['throughput'] / one['throughput'])}×"
+        f" {fmt(one['throughput'], 0)} for one worker of the same configuration:"
+        f" {fmt(two['throughput'] / one['throughput'])}×"
         f" (8 client connections; SO_REUSEPORT balances connections). CPU per call: gateway"
         f" {fmt(one['cpu_ms_per_call'], 3)} ms (1 worker) / {fmt(two['cpu_ms_per_call'], 3)} ms (2 workers),"
         f" load generator {fmt(two['loadgen_cpu_ms_per_call'], 3)} ms,"
