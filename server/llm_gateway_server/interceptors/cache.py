@@ -97,7 +97,7 @@ class CacheInterceptor(GatewayInterceptor):
 
     def _count(self, method: str, result: str) -> None:
         if self._metrics is not None:
-            self._metrics.cache.labels(method, result).inc()
+            self._metrics.child(self._metrics.cache, method, result).inc()
 
     def _ttl(self, request: Any) -> int:
         return request.cache.ttl_seconds if request.cache.HasField("ttl_seconds") else self._settings.ttl_s

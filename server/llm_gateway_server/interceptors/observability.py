@@ -72,7 +72,7 @@ class ObservabilityInterceptor(GatewayInterceptor):
         current_call.set(record)
         span = self._tracing.start(method, request, metadata) if self._tracing is not None else None
         if self._metrics is not None:
-            self._metrics.in_flight.labels(method_name(method)).inc()
+            self._metrics.child(self._metrics.in_flight, method_name(method)).inc()
         return _Call(record, time.perf_counter(), span)
 
     async def unary(
@@ -151,7 +151,7 @@ class ObservabilityInterceptor(GatewayInterceptor):
             fields["answer"] = call.answer
         log.info("rpc", **fields)
         if self._metrics is not None:
-            self._metrics.in_flight.labels(name).dec()
+            self._metrics.child(self._metrics.in_flight, name).dec()
             _record_metrics(self._metrics, name, record, elapsed, call.ttft_s, self._known_model)
         if call.span is not None:
             RpcTracing.end(call.span, record, call.finish_reason, call.response_id)
@@ -195,32 +195,32 @@ def _record_metrics(
         model = outcome.model
     else:
         model = OTHER_MODEL
-    m.requests.labels(name, model, provider, outcome.code.name).inc()
-    m.latency.labels(name).observe(elapsed)
+    m.child(m.requests, name, model, provider, outcome.code.name).inc()
+    m.child(m.latency, name).observe(elapsed)
     if outcome.error is not None:
-        m.errors.labels(name, outcome.error.reason.value).inc()
+        m.child(m.errors, name, outcome.error.reason.value).inc()
     if outcome.attempts and outcome.completed:
-        m.overhead.labels(name).observe(max(elapsed - outcome.upstream_ms / 1000.0, 0.0))
+        m.child(m.overhead, name).observe(max(elapsed - outcome.upstream_ms / 1000.0, 0.0))
     usage = outcome.usage
     if not outcome.cache_hit:
         if ttft_s is not None:
-            m.ttft.labels(model, provider).observe(ttft_s)
+            m.child(m.ttft, model, provider).observe(ttft_s)
             if outcome.completed and usage is not None and usage.output_tokens >= 2:
-                m.tpot.labels(model, provider).observe(max(elapsed - ttft_s, 0.0) / (usage.output_tokens - 1))
+                m.child(m.tpot, model, provider).observe(max(elapsed - ttft_s, 0.0) / (usage.output_tokens - 1))
         if usage is not None and (usage.input_tokens or usage.output_tokens):
-            m.tokens.labels("input", model, provider).inc(usage.input_tokens)
-            m.tokens.labels("output", model, provider).inc(usage.output_tokens)
+            m.child(m.tokens, "input", model, provider).inc(usage.input_tokens)
+            m.child(m.tokens, "output", model, provider).inc(usage.output_tokens)
         if outcome.cost is not None and outcome.cost.total_usd:
-            m.cost.labels(model, provider).inc(outcome.cost.total_usd)
-            m.key_cost.labels(record.key_id or ANONYMOUS_KEY).inc(outcome.cost.total_usd)
+            m.child(m.cost, model, provider).inc(outcome.cost.total_usd)
+            m.child(m.key_cost, record.key_id or ANONYMOUS_KEY).inc(outcome.cost.total_usd)
     if len({(a.provider, a.model) for a in outcome.attempts}) > 1 and outcome.completed:
-        m.fallbacks.labels(name).inc()
+        m.child(m.fallbacks, name).inc()
     retries = _retries(outcome.attempts)
     if retries:
-        m.retries.labels(name).inc(retries)
+        m.child(m.retries, name).inc(retries)
     for attempt in outcome.attempts:
         if attempt.outcome is AttemptOutcome.ERROR:
-            m.provider_errors.labels(attempt.provider, attempt.error_reason).inc()
+            m.child(m.provider_errors, attempt.provider, attempt.error_reason).inc()
 
 
 def _requested_model(request: object) -> str:

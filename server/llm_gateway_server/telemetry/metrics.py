@@ -115,6 +115,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.multiprocess = multiprocess_dir() is not None
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         self.requests = Counter(
             "llm_gateway_requests_total",
@@ -272,6 +273,17 @@ class Metrics:
             multiprocess_mode="livemax",
         )
         self._server: Any = None
+
+    def child(self, metric: Any, *values: str) -> Any:
+        """`metric.labels(*values)`, kept by label values: prometheus-client validates the values
+        and takes a lock on every `labels` call, and each call updates about ten series. The
+        objects kept are the metric's own children (no series exists here that the metric lacks;
+        nothing removes children from these metrics)."""
+        key = (id(metric), values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
 
     def breaker_listener(self, known_model: KnownModel) -> Callable[[Deployment, BreakerState], None]:
         """A `DeploymentStates` listener that sets the breaker gauge of the deployments whose
