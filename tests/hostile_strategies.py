@@ -11,12 +11,18 @@ one draw), invalid images, extreme routing and cache options, and raw byte strin
 
 Sizes stay below the gateway's default `max_message_bytes` (32 MiB): huge strings are at most
 ~200 KB in ordinary fields and a few MB in one field of a rare "huge" case; replicated elements
-are small.
+are mostly small, and a request that would still pass the limit is filtered out (`_bounded`).
+
+The strategy factories called inside draws (`texts()`, `models()`, `enums(...)`...) are cached
+(`functools.cache`; strategies are immutable and their arguments hashable): a strategy object is
+validated once, where building a new one in every draw made hypothesis validate it again each
+time (about a sixth of the hostile module's run time). The draws, and so the examples, are the same.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import math
 import random
@@ -145,6 +151,7 @@ def _repeated(unit: str, length: int) -> str:
     return (unit * (length // max(len(unit), 1) + 1))[:length] if unit else ""
 
 
+@functools.cache
 def huge_texts(max_chars: int = 200_000) -> st.SearchStrategy[str]:
     """A drawn unit repeated to a drawn length (up to `max_chars` characters)."""
     return st.builds(
@@ -154,12 +161,14 @@ def huge_texts(max_chars: int = 200_000) -> st.SearchStrategy[str]:
     )
 
 
+@functools.cache
 def texts(max_chars: int = 200_000) -> st.SearchStrategy[str]:
     """Short, odd, or huge text."""
     # Listed twice: short text is drawn about twice as often as huge text.
     return st.one_of(small_texts, small_texts, st.sampled_from(ODD_TEXTS), huge_texts(max_chars))
 
 
+@functools.cache
 def int32s() -> st.SearchStrategy[int]:
     return st.one_of(
         st.sampled_from([0, 1, -1, INT32_MAX, INT32_MIN, 1000, 1001, 1_000_000, 1_000_001]),
@@ -167,15 +176,18 @@ def int32s() -> st.SearchStrategy[int]:
     )
 
 
+@functools.cache
 def int64s() -> st.SearchStrategy[int]:
     return st.one_of(st.sampled_from([0, -1, INT64_MAX, INT64_MIN, 2**53 + 1]), st.integers(INT64_MIN, INT64_MAX))
 
 
+@functools.cache
 def doubles() -> st.SearchStrategy[float]:
     specials = [math.nan, math.inf, -math.inf, -0.0, 5e-324, 1.7976931348623157e308, -1e308, 2.0000001, -2.0000001]
     return st.one_of(st.sampled_from(specials), st.floats(allow_nan=True, allow_infinity=True))
 
 
+@functools.cache
 def enums(enum_type: Any) -> st.SearchStrategy[int]:
     """Every defined value of a protobuf enum, then unknown numbers (any int32)."""
     defined = sorted(enum_type.values())
@@ -190,6 +202,7 @@ def optional(strategy: st.SearchStrategy[T]) -> st.SearchStrategy[T | None]:
     return st.one_of(st.none(), strategy)
 
 
+@functools.cache
 def models() -> st.SearchStrategy[str]:
     """Model names: emulator scenarios, catalog ids, odd names and random text."""
 
@@ -299,6 +312,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 valid_names = st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True)
 
 
+@functools.cache
 def random_bytes(max_size: int) -> st.SearchStrategy[bytes]:
     """Small drawn bytes, or a seeded pseudo-random blob (reproducible) up to `max_size` bytes."""
     return st.one_of(
@@ -307,6 +321,7 @@ def random_bytes(max_size: int) -> st.SearchStrategy[bytes]:
     )
 
 
+@functools.cache
 @st.composite
 def image_urls(draw: Draw) -> str:
     kind = draw(st.sampled_from(["fixed", "https", "data", "text"]))
@@ -324,6 +339,7 @@ def image_urls(draw: Draw) -> str:
     return str(draw(texts(4096)))
 
 
+@functools.cache
 def _mimes(plausible: bool) -> st.SearchStrategy[str]:
     if plausible:
         return st.sampled_from(IMAGE_MIMES)
@@ -348,6 +364,7 @@ def fill_image(draw: Draw, image: pb.ImagePart, plausible: bool = False) -> None
         image.detail = draw(st.sampled_from(sorted(pb.ImageDetail.values())) if plausible else enums(pb.ImageDetail))
 
 
+@functools.cache
 def roles() -> st.SearchStrategy[int]:
     return st.one_of(st.sampled_from([pb.ROLE_USER, pb.ROLE_SYSTEM, pb.ROLE_ASSISTANT, pb.ROLE_TOOL]), enums(pb.Role))
 
@@ -403,6 +420,7 @@ def fill_tool(draw: Draw, tool: pb.Tool, name: str | None = None, plausible: boo
     tool.strict = draw(st.booleans())
 
 
+@functools.cache
 def _in_range(low: float, high: float, ints: bool = False) -> st.SearchStrategy[Any]:
     if ints:
         return st.one_of(st.sampled_from([int(low), int(high)]), st.integers(int(low), int(high)))
@@ -473,6 +491,7 @@ def fill_cache(draw: Draw, cache: pb.CacheOptions, plausible: bool = False) -> N
         cache.ttl_seconds = ttl
 
 
+@functools.cache
 def metadata_maps(plausible: bool = False) -> st.SearchStrategy[dict[str, str]]:
     if plausible:
         key = st.text(_CHARS, min_size=1, max_size=256)
@@ -486,6 +505,7 @@ def metadata_maps(plausible: bool = False) -> st.SearchStrategy[dict[str, str]]:
     )
 
 
+@functools.cache
 def end_user_ids(plausible: bool) -> st.SearchStrategy[str]:
     if plausible:
         return st.one_of(st.just(""), st.text(_CHARS, max_size=256), st.just("u" * 256))
@@ -501,6 +521,17 @@ PLAUSIBLE_MODELS = OPENAI_SCENARIOS + OLLAMA_SCENARIOS + CATALOG_MODELS
 plausible_models = st.one_of(st.sampled_from(ANSWERING_MODELS), st.sampled_from(PLAUSIBLE_MODELS))
 
 
+def _copies(element_size: int, count: int) -> int:
+    """How many of `count` copies of an element of at least `element_size` bytes to put in a
+    request: all of them, unless they alone pass `MAX_REQUEST_BYTES`; then just enough to pass it.
+    Such a request is over the limit either way, so `_bounded` rejects it just the same (and every
+    later draw is unchanged), without building it whole: 6000 copies of a 300 KB message were 2 GB
+    to copy, and to serialize, for a request that was never sent."""
+    if element_size <= 0:
+        return count
+    return min(count, MAX_REQUEST_BYTES // element_size + 1)
+
+
 def _fill_chat_like(draw: Draw, request: Any) -> None:
     """Fills a ChatRequest / ChatStreamRequest / CountTokensRequest in place: plausible (valid
     structure, hostile values) or wild (anything), in one of a few shapes."""
@@ -511,7 +542,8 @@ def _fill_chat_like(draw: Draw, request: Any) -> None:
         message = pb.Message()
         fill_message(draw, message, small_texts, plausible)
         limits = [1000, 4095, 4096] if plausible else [1000, 4095, 4096, 4097, 6000]
-        request.messages.extend([message] * draw(st.sampled_from(limits)))
+        count = draw(st.sampled_from(limits))
+        request.messages.extend([message] * _copies(message.ByteSize(), count))
     else:
         huge = draw(huge_texts(6_000_000)) if shape == "huge" else None
         for index in range(draw(st.integers(1 if plausible else 0, 4))):
@@ -525,7 +557,7 @@ def _fill_chat_like(draw: Draw, request: Any) -> None:
         template = pb.Tool()
         fill_tool(draw, template, name="t", plausible=plausible)
         unique = plausible or draw(st.booleans())
-        for i in range(count):
+        for i in range(_copies(template.ByteSize(), count)):  # each copy is at least the template's size
             tool = request.tools.add()
             tool.CopyFrom(template)
             tool.name = f"tool_{i}" if unique else "dup"
@@ -554,6 +586,22 @@ def _fill_chat_like(draw: Draw, request: Any) -> None:
 
 
 def _bounded(request: Any) -> bool:
+    """Whether `request` serializes to at most `MAX_REQUEST_BYTES` (exactly `ByteSize() <= MAX`).
+
+    upb's `ByteSize()` serializes the whole message, and the replicated shapes can be far over the
+    limit (6000 copies of a 300 KB message: 2 GB, 10-15 s to serialize just to be rejected, and the
+    filter retries). Each element of a repeated message field serializes inside the request with
+    at least its own bytes, so a running sum of element sizes is a lower bound of the request's
+    size: once it passes the limit the answer is no, after serializing little more than the limit.
+    Otherwise the exact `ByteSize()` decides.
+    """
+    lower_bound = 0
+    for field, value in request.ListFields():
+        if field.is_repeated and field.message_type is not None and not field.message_type.GetOptions().map_entry:
+            for element in value:
+                lower_bound += element.ByteSize()
+                if lower_bound > MAX_REQUEST_BYTES:
+                    return False
     return bool(request.ByteSize() <= MAX_REQUEST_BYTES)
 
 
@@ -707,6 +755,7 @@ def _forged_for_its_filters(draw: Draw, issued: list[IssuedToken]) -> pb.ListMod
     )
 
 
+@functools.cache
 def _rarely() -> st.SearchStrategy[bool]:
     return st.sampled_from([False, False, False, True])
 

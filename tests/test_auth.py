@@ -38,6 +38,7 @@ from llm_gateway_server.transport.call_record import CallRecord, current_call
 from llm_gateway_server.transport.server import start_grpc
 
 from .conftest import (
+    FAST_RECONNECT,
     GATEWAY_PROCESSES,
     OPENAI_TEST_KEY,
     Gateway,
@@ -181,7 +182,7 @@ async def test_no_log_line_contains_a_gateway_or_provider_key(openai_upstream: O
         text=True,
     )
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=FAST_RECONNECT) as channel:
             try:
                 await asyncio.wait_for(channel.channel_ready(), 20)
             except TimeoutError:

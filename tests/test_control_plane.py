@@ -29,6 +29,7 @@ from llm_gateway.v1 import llm_gateway_pb2 as pb
 from llm_gateway.v1 import llm_gateway_pb2_grpc as pb_grpc
 
 from .conftest import (
+    FAST_RECONNECT,
     GATEWAY_PROCESSES,
     GatewayFactory,
     PostgresSchema,
@@ -191,7 +192,7 @@ class Served:
             stdout=self._out,
             stderr=subprocess.STDOUT,
         )
-        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.port}")
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.port}", options=FAST_RECONNECT)
         self.stub = pb_grpc.LLMGatewayServiceStub(self.channel)
         self.admin = apb_grpc.AdminServiceStub(self.channel)
 

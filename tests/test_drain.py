@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llm_gateway.v1 import llm_gateway_pb2_grpc as pb_grpc
 
-from .conftest import GATEWAY_PROCESSES, chat, chat_stream, free_port
+from .conftest import FAST_RECONNECT, GATEWAY_PROCESSES, chat, chat_stream, free_port
 from .emulators.openai_server import OpenAIEmulator
 
 pytestmark = GATEWAY_PROCESSES
@@ -48,7 +48,7 @@ async def served(openai_upstream: OpenAIEmulator) -> AsyncIterator[tuple[subproc
         stderr=subprocess.DEVNULL,
     )
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=FAST_RECONNECT) as channel:
             await asyncio.wait_for(channel.channel_ready(), 30)
         yield process, port
     finally:

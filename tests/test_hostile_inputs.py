@@ -34,7 +34,7 @@ and stream idle timeouts, one retry with tiny backoff, metrics on. Client calls 
 64 MiB messages (requests stay below the server's 32 MiB limit).
 
 Size of a run: `LLM_GATEWAY_FUZZ_EXAMPLES` (default 120) is the base number of examples per test
-(each test scales it); the default run takes about a minute on two cores; `make fuzz` sets a
+(each test scales it); the default run takes 15-20 s (one core); `make fuzz` sets a
 large value (and `LLM_GATEWAY_FUZZ_COLLECT=1`: violations are recorded, not raised, so one long
 run finds every kind; each kind's first body is saved under `.hypothesis/hostile-repros/`). A
 summary (requests sent, codes and reasons seen, client-side ends, server error logs with the

@@ -50,6 +50,7 @@ from llm_gateway_server.tenancy.records import (
 )
 
 from .conftest import (
+    FAST_RECONNECT,
     OPENAI_TEST_KEY,
     Gateway,
     GatewayFactory,
@@ -744,7 +745,7 @@ async def test_sigterm_right_after_the_last_call_loses_no_record(
         )
     try:
         expected = Expected()
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=FAST_RECONNECT) as channel:
             await asyncio.wait_for(channel.channel_ready(), 30)
             stub = pb_grpc.LLMGatewayServiceStub(channel)
             await run_calls(stub, "sigterm", expected)

@@ -24,6 +24,7 @@ from llm_gateway.v1 import llm_gateway_pb2_grpc as pb_grpc
 from llm_gateway_server.interceptors.auth import hash_key
 
 from .conftest import (
+    FAST_RECONNECT,
     GATEWAY_PROCESSES,
     Gateway,
     GatewayFactory,
@@ -233,19 +234,21 @@ async def test_a_frozen_redis_is_skipped_after_a_few_timeouts(
 # --- two gateway processes sharing one Redis ---------------------------------------------------
 
 
-async def _start_process(config: Path, port: int, upstream: OpenAIEmulator) -> subprocess.Popen[str]:
+def _start_process(config: Path, port: int, upstream: OpenAIEmulator) -> subprocess.Popen[str]:
     env = {**os.environ, "OPENAI_BASE_URL": upstream.base_url, "LLM_GATEWAY_METRICS_PORT": "0"}
     env.pop("OPENAI_API_KEY", None)
-    process = subprocess.Popen(  # noqa: ASYNC220 - two real processes are the point of the test
+    return subprocess.Popen(
         [sys.executable, "-m", "llm_gateway_server", "serve", "--port", str(port), "--config", str(config)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         text=True,
     )
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+
+
+async def _ready(port: int) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=FAST_RECONNECT) as channel:
         await asyncio.wait_for(channel.channel_ready(), 20)
-    return process
 
 
 @pytest.fixture
@@ -263,11 +266,16 @@ async def two_processes(
         )
     )
     ports = [free_port(), free_port()]
-    processes = [await _start_process(config, port, openai_upstream) for port in ports]
-    yield [f"127.0.0.1:{p}" for p in ports]
-    for process in processes:
-        process.terminate()
-        process.wait(timeout=20)
+    # Both start at once (the tests time the calls, not the starts): one start's wait, not two.
+    processes = [_start_process(config, port, openai_upstream) for port in ports]
+    try:
+        await asyncio.gather(*(_ready(port) for port in ports))
+        yield [f"127.0.0.1:{p}" for p in ports]
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=20)
 
 
 @GATEWAY_PROCESSES

@@ -20,7 +20,7 @@ from llm_gateway.v1 import llm_gateway_pb2_grpc as pb_grpc
 from llm_gateway_server.config import ConfigError, load_settings
 from llm_gateway_server.providers.registry import provider_config
 
-from .conftest import GATEWAY_PROCESSES, OPENAI_TEST_KEY, Gateway, GatewayFactory, chat, free_port
+from .conftest import FAST_RECONNECT, GATEWAY_PROCESSES, OPENAI_TEST_KEY, Gateway, GatewayFactory, chat, free_port
 from .emulators.openai_server import OpenAIEmulator
 
 SERVICE = "llm_gateway.v1.LLMGatewayService"
@@ -125,7 +125,7 @@ async def test_cli_serves_from_env_and_drains_on_sigterm(openai_upstream: OpenAI
         text=True,
     )
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=FAST_RECONNECT) as channel:
             await asyncio.wait_for(channel.channel_ready(), 20)
             reply = await pb_grpc.LLMGatewayServiceStub(channel).Chat(chat("m", "from a process"))
             assert reply.message.content[0].text == "echo: from a process"

@@ -29,7 +29,7 @@ from llm_gateway_client.client import channel_credentials
 from llm_gateway_server.config import ConfigError, TlsSettings, load_settings
 from llm_gateway_server.transport.tls import server_tls
 
-from .conftest import GATEWAY_PROCESSES, OPENAI_TEST_KEY, Gateway, GatewayFactory, chat, free_port
+from .conftest import FAST_RECONNECT, GATEWAY_PROCESSES, OPENAI_TEST_KEY, Gateway, GatewayFactory, chat, free_port
 from .emulators.openai_server import OpenAIEmulator
 
 # Every PEM file is padded to this size, so that a rewrite can keep size, inode and mtime (a
@@ -95,9 +95,11 @@ def client_pair(pki: Pki, ca: trustme.CA, name: str = "client") -> tuple[Path, P
     return cert, key
 
 
-def secure_stub(port: int, ca_file: Path, cert: Path | None = None, key: Path | None = None) -> Any:
+def secure_stub(
+    port: int, ca_file: Path, cert: Path | None = None, key: Path | None = None, options: Any = None
+) -> Any:
     """A fresh TLS channel (a new connection, so a new handshake) to localhost:port, and its stub."""
-    channel = grpc.aio.secure_channel(f"localhost:{port}", channel_credentials(ca_file, cert, key))
+    channel = grpc.aio.secure_channel(f"localhost:{port}", channel_credentials(ca_file, cert, key), options=options)
     return channel, pb_grpc.LLMGatewayServiceStub(channel)
 
 
@@ -245,7 +247,7 @@ async def test_sighup_reloads_the_certificate_in_a_served_process(openai_upstrea
     try:
         old_ca, new = pki.ca_file(), trustme.CA()
         new_ca = pki.ca_file(new, "new-ca.pem")
-        channel, _ = secure_stub(port, old_ca)
+        channel, _ = secure_stub(port, old_ca, options=FAST_RECONNECT)  # the process is starting
         async with channel:
             await asyncio.wait_for(channel.channel_ready(), 20)
         issue_server_cert(pki, new, silent=True)  # invisible to the file check: only SIGHUP loads it
