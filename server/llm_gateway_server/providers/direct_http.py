@@ -133,7 +133,7 @@ class DirectHttp:
         timeout = aiohttp.ClientTimeout(total=None, connect=timeout_s, sock_read=timeout_s)
         return await self._client().post(
             self.url(path),
-            data=json.dumps(body).encode(),
+            data=json.dumps(body, separators=(",", ":")).encode(),  # compact, as the SDKs send it
             headers=self.headers,
             timeout=timeout,
             allow_redirects=False,
