@@ -153,18 +153,13 @@ class DirectHttp:
             GatewayError: an error status (the shared status table, with the provider's message,
                 code and retry-after), a connection failure or timeout, or an unusable body.
         """
+        response = await self.open_stream(path, body, model, timeout_s)
         try:
-            response = await self._send(path, body, timeout_s)
-            try:
-                if response.status >= 400:
-                    raise await self._status_error(response, model)
-                raw = await _read_bounded(response, MAX_RESPONSE_BYTES)
-            finally:
-                response.release()
-        except GatewayError:
-            raise
+            raw = await _read_bounded(response, MAX_RESPONSE_BYTES)
         except Exception as exc:
             raise self.map_error(exc, model, timeout_s) from exc
+        finally:
+            response.release()
         try:
             return json.loads(raw)
         except ValueError as exc:
@@ -173,8 +168,9 @@ class DirectHttp:
     async def open_stream(
         self, path: str, body: Mapping[str, Any], model: str, timeout_s: float
     ) -> aiohttp.ClientResponse:
-        """POSTs a streaming request and returns the response once its status is a success, its
-        body unread; the caller reads it with `sse_data` and ends it with `end_stream`.
+        """POSTs a request and returns the response once its status is a success, its body unread;
+        a stream's caller reads it with `sse_data` and ends it with `end_stream` (`post_json`
+        reads and releases it itself).
 
         Raises:
             GatewayError: as `post_json` (the connection of an error answer is released).
