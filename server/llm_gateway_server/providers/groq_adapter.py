@@ -30,6 +30,7 @@ class GroqProvider(OpenAIProvider):
     kind = "groq"
     supports_embeddings = False
     _chat_path: ClassVar[str] = "openai/v1/chat/completions"
+    _usage_keys: ClassVar[tuple[str, ...]] = ("x_groq", "usage")
 
     def _make_client(self, config: ProviderConfig) -> Any:
         import groq  # noqa: PLC0415 - imported only when configured

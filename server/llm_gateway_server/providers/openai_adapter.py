@@ -56,6 +56,8 @@ class OpenAIProvider(SdkCalls, Provider):
     # Chat Completions and embeddings paths under the client's base URL.
     _chat_path: ClassVar[str] = "chat/completions"
     _embeddings_path: ClassVar[str] = "embeddings"
+    # Stream chunk fields that can carry usage (`_chunk_usage` reads them).
+    _usage_keys: ClassVar[tuple[str, ...]] = ("usage",)
 
     def _make_client(self, config: ProviderConfig) -> Any:
         return openai.AsyncOpenAI(
@@ -111,8 +113,10 @@ class OpenAIProvider(SdkCalls, Provider):
                     raise errors.from_http_status(self.name, model, -1, message, upstream_code=code)
                 response_id = chunk.get("id") or response_id
                 answered_model = chunk.get("model") or answered_model
-                if chunk.get("usage") or chunk.get("x_groq"):  # most chunks carry `"usage": null` or none
-                    usage = self._chunk_usage(chunk) or usage
+                for key in self._usage_keys:  # most chunks carry `"usage": null` or none
+                    if chunk.get(key):
+                        usage = self._chunk_usage(chunk) or usage
+                        break
                 choices = chunk.get("choices")
                 if choices:
                     choice = choices[0]
